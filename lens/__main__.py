@@ -1,0 +1,3 @@
+from lens.cli import main
+
+raise SystemExit(main())

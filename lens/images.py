@@ -1,0 +1,157 @@
+"""Safe image decoding: the one place where files and uploads become RGB pictures.
+
+Every image that enters lens, gallery file or query upload, goes through :func:`load_image`, which
+applies the EXIF orientation, converts every pixel mode to 8-bit RGB (transparency over white),
+takes the first frame of animations and refuses decompression bombs, raising :class:`ImageError`
+with a readable message instead of a library traceback.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from lens.errors import LensError
+
+#: File extensions lens treats as images when it scans a folder.
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm"}
+)
+#: Largest picture decoded (width x height); bigger ones are refused as likely decompression bombs.
+MAX_PIXELS = 80_000_000
+#: Largest file or upload read, in bytes.
+MAX_BYTES = 64 * 1024 * 1024
+
+ImageSource = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+
+
+class ImageError(LensError, ValueError):
+    """An image that cannot be used, with a message fit to show a user."""
+
+
+def load_image(
+    source: ImageSource, *, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_BYTES
+) -> Image.Image:
+    """Decode ``source`` (a path, raw bytes, a PIL image or an HxWxC uint8 array) to an RGB image."""
+    name = _describe(source)
+    if isinstance(source, Image.Image):
+        image = source
+    elif isinstance(source, np.ndarray):
+        try:
+            image = Image.fromarray(source)
+        except (TypeError, ValueError) as exc:
+            raise ImageError(f"cannot use array of shape {source.shape} as an image: {exc}") from exc
+    else:
+        image = _open(source, name, max_bytes)
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError(
+            f"{name} is {width}x{height} pixels, over the limit of {max_pixels:,} pixels "
+            "(refused as a possible decompression bomb)"
+        )
+    if width < 1 or height < 1:
+        raise ImageError(f"{name} has no pixels ({width}x{height})")
+    try:
+        if getattr(image, "is_animated", False):
+            image.seek(0)
+        image.load()
+        image = ImageOps.exif_transpose(image) or image
+        return _to_rgb(image)
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(f"cannot decode {name}: {exc}") from exc
+
+
+def _describe(source: ImageSource) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return f"'{os.fspath(source)}'"
+    if isinstance(source, bytes):
+        return f"uploaded image ({len(source):,} bytes)"
+    return "image"
+
+
+def _open(source: Union[str, os.PathLike, bytes], name: str, max_bytes: int) -> Image.Image:
+    if isinstance(source, bytes):
+        data = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ImageError(f"{name} does not exist or is not a file")
+        size = path.stat().st_size
+        if size == 0:
+            raise ImageError(f"{name} is empty (0 bytes)")
+        if size > max_bytes:
+            raise ImageError(f"{name} is {size:,} bytes, over the limit of {max_bytes:,}")
+        data = path.read_bytes()
+    if len(data) > max_bytes:
+        raise ImageError(f"{name} is over the limit of {max_bytes:,} bytes")
+    if not data:
+        raise ImageError(f"{name} is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as exc:
+        raise ImageError(f"{name} is not an image lens can read (unknown or corrupt format)") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{name} is refused as a possible decompression bomb: {exc}") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(f"cannot open {name}: {exc}") from exc
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB; transparent pixels become white."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") else max(float(array.max()), 1.0)
+        if mode == "F" and array.max() <= 1.0:
+            top = 1.0
+        gray = np.clip(array / top * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def iter_image_files(root: Union[str, os.PathLike], *, exclude: tuple[Path, ...] = ()) -> Iterator[Path]:
+    """Yield image files below ``root`` (recursive, sorted, hidden entries and ``exclude`` skipped)."""
+    root = Path(root)
+    excluded = {p.resolve() for p in exclude}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        here = Path(dirpath)
+        dirnames[:] = sorted(
+            d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in excluded
+        )
+        for filename in sorted(filenames):
+            if filename.startswith(".") or Path(filename).suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            yield here / filename
+
+
+def crop(image: Image.Image, box: tuple[float, float, float, float] | None) -> Image.Image:
+    """Crop ``image`` to ``box`` = (x1, y1, x2, y2) in pixels; ``None`` keeps the whole image."""
+    if box is None:
+        return image
+    x1, y1, x2, y2 = (float(v) for v in box)
+    width, height = image.size
+    cx1, cy1 = max(0.0, min(x1, x2)), max(0.0, min(y1, y2))
+    cx2, cy2 = min(float(width), max(x1, x2)), min(float(height), max(y1, y2))
+    if cx2 - cx1 < 1 or cy2 - cy1 < 1:
+        raise ImageError(
+            f"box {x1:g},{y1:g},{x2:g},{y2:g} has no area inside the {width}x{height} image"
+        )
+    return image.crop((round(cx1), round(cy1), round(cx2), round(cy2)))

@@ -1,0 +1,120 @@
+"""Vector index backends behind one protocol, chosen by a spec string like faiss's ``index_factory``.
+
+A spec is ``backend`` or ``backend:options``: ``annoy``, ``annoy:trees=100,search_k=5000``, and
+(for backends that take factory strings) e.g. ``faiss:HNSW32``. Vectors are stored under their row
+number; the gallery maps row numbers to image paths.
+
+Adding a backend: write ``lens/index/<name>_index.py`` with a class decorated by
+``@register_backend("name")`` and add the module to ``_BACKEND_MODULES``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from lens.errors import LensError
+
+__all__ = [
+    "DEFAULT_INDEX",
+    "VectorIndex",
+    "create_index",
+    "list_backends",
+    "load_index",
+    "register_backend",
+    "similarity_from_distance",
+]
+
+DEFAULT_INDEX = "annoy"
+_BACKEND_MODULES = ["annoy_index"]
+_BACKENDS: dict[str, type[VectorIndex]] = {}
+_loaded = False
+
+
+@runtime_checkable
+class VectorIndex(Protocol):
+    """Nearest-neighbour search over vectors stored under their row numbers."""
+
+    spec: str  #: the full spec this index was created from, e.g. ``annoy:trees=50``
+    dim: int
+    metric: str  #: ``cosine`` or ``hamming``
+
+    def build(self, vectors: np.ndarray) -> None:
+        """Index ``vectors`` (n x dim); row i gets id i. Replaces anything built before."""
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """For each query row, the ids (-1 where fewer than k) and similarities in [0, 1], best first."""
+
+    def save(self, folder: Path) -> list[str]:
+        """Write the index's files into ``folder``; returns the file names written."""
+
+    @classmethod
+    def load(cls, folder: Path, spec: str, dim: int, metric: str) -> VectorIndex:
+        """Open an index saved by :meth:`save`."""
+
+    def __len__(self) -> int: ...
+
+
+def register_backend(name: str):
+    def decorator(cls: type[VectorIndex]) -> type[VectorIndex]:
+        _BACKENDS[name] = cls
+        return cls
+
+    return decorator
+
+
+def _backend(spec: str) -> type[VectorIndex]:
+    global _loaded
+    if not _loaded:
+        for module in _BACKEND_MODULES:
+            importlib.import_module(f"lens.index.{module}")
+        _loaded = True
+    name = spec.partition(":")[0].strip()
+    if name not in _BACKENDS:
+        raise LensError(f"unknown index backend '{name}' in '{spec}'; known: {', '.join(list_backends())}")
+    return _BACKENDS[name]
+
+
+def list_backends() -> list[str]:
+    _backend(DEFAULT_INDEX)
+    return sorted(_BACKENDS)
+
+
+def create_index(spec: str, dim: int, metric: str) -> VectorIndex:
+    """An empty index for ``dim``-dimensional vectors compared by ``metric``."""
+    return _backend(spec)(spec, dim, metric)  # type: ignore[call-arg]
+
+
+def load_index(folder: Path, spec: str, dim: int, metric: str) -> VectorIndex:
+    return _backend(spec).load(Path(folder), spec, dim, metric)
+
+
+def parse_options(spec: str) -> dict[str, str]:
+    """``name:a=1,b=2`` -> ``{"a": "1", "b": "2"}``."""
+    options: dict[str, str] = {}
+    text = spec.partition(":")[2].strip()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise LensError(f"index option '{part}' in '{spec}' should look like key=value")
+        options[key.strip()] = value.strip()
+    return options
+
+
+def similarity_from_distance(distances: np.ndarray, metric: str, dim: int) -> np.ndarray:
+    """Map backend distances to similarities in [0, 1] (1 = identical).
+
+    cosine: the cosine similarity clipped at 0 from the angular/euclidean distance between unit
+    vectors, ``cos = 1 - d^2 / 2``; hamming: ``1 - d / bits``.
+    """
+    distances = np.asarray(distances, dtype=np.float64)
+    if metric == "cosine":
+        similarity = 1.0 - distances**2 / 2.0
+    elif metric == "hamming":
+        similarity = 1.0 - distances / float(dim)
+    else:
+        raise LensError(f"unknown metric '{metric}'")
+    return np.clip(similarity, 0.0, 1.0).astype(np.float32)

@@ -1,0 +1,72 @@
+"""Spotify Annoy: random-projection forests, memory-mapped from disk; the default backend.
+
+Options: ``trees`` (default 50; more trees, better recall, bigger file) and ``search_k`` (nodes
+inspected per query; default -1 means Annoy's own ``trees * k``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from annoy import AnnoyIndex as _Annoy
+
+from lens.errors import CorruptIndexError, LensError
+from lens.index import parse_options, register_backend, similarity_from_distance
+
+_METRICS = {"cosine": "angular"}
+FILE = "index.ann"
+
+
+@register_backend("annoy")
+class AnnoyIndex:
+    def __init__(self, spec: str, dim: int, metric: str):
+        if metric not in _METRICS:
+            raise LensError(f"annoy backend does not support metric '{metric}'")
+        options = parse_options(spec)
+        unknown = set(options) - {"trees", "search_k"}
+        if unknown:
+            raise LensError(f"unknown annoy option(s) {sorted(unknown)} in '{spec}'; use trees, search_k")
+        self.spec, self.dim, self.metric = spec, dim, metric
+        self.trees = int(options.get("trees", 50))
+        self.search_k = int(options.get("search_k", -1))
+        self._index = _Annoy(dim, _METRICS[metric])
+        self._count = 0
+
+    def build(self, vectors: np.ndarray) -> None:
+        vectors = np.asarray(vectors, dtype=np.float32)
+        index = _Annoy(self.dim, _METRICS[self.metric])
+        index.set_seed(0)
+        for i, vector in enumerate(vectors):
+            index.add_item(i, vector)
+        index.build(self.trees, n_jobs=-1)
+        self._index, self._count = index, len(vectors)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        k = max(1, min(k, self._count)) if self._count else 0
+        ids = np.full((len(queries), k), -1, dtype=np.int64)
+        distances = np.full((len(queries), k), np.inf, dtype=np.float64)
+        for row, query in enumerate(queries):
+            found, dist = self._index.get_nns_by_vector(query, k, self.search_k, include_distances=True)
+            ids[row, : len(found)] = found
+            distances[row, : len(dist)] = dist
+        return ids, similarity_from_distance(distances, self.metric, self.dim)
+
+    def save(self, folder: Path) -> list[str]:
+        self._index.save(str(Path(folder) / FILE))
+        return [FILE]
+
+    @classmethod
+    def load(cls, folder: Path, spec: str, dim: int, metric: str) -> AnnoyIndex:
+        self = cls(spec, dim, metric)
+        path = Path(folder) / FILE
+        try:
+            self._index.load(str(path))
+        except OSError as exc:
+            raise CorruptIndexError(f"cannot open annoy index {path}: {exc}") from exc
+        self._count = self._index.get_n_items()
+        return self
+
+    def __len__(self) -> int:
+        return self._count

@@ -1,0 +1,85 @@
+"""What a similarity method is: the small protocol every method family implements."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What an index must record to be sure it is searched with the same method it was built with."""
+
+    name: str  #: the method spec, e.g. ``resnet50`` or ``hf:facebook/dinov2-base``
+    metric: str  #: ``cosine`` (float vectors) or ``hamming`` (packed bit codes)
+    dim: int  #: vector length (bits for ``hamming``)
+    model: str = ""  #: hub id or local path of the weights, "" for model-free methods
+    weights: str = ""  #: fingerprint of the weights' values (see :func:`fingerprint_arrays`)
+    extra: dict[str, Any] = field(default_factory=dict)  #: preprocessing, pooling, ...
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.name,
+            "metric": self.metric,
+            "dim": self.dim,
+            "model": self.model,
+            "weights": self.weights,
+            "extra": self.extra,
+        }
+
+
+@runtime_checkable
+class Method(Protocol):
+    """A way to turn pictures into vectors that are close when the pictures are similar.
+
+    ``prepare`` is the per-image CPU work (resize, normalise, ...). It must be thread-safe: the
+    gallery runs it on worker threads, overlapped with ``embed_prepared`` on the previous batch.
+    ``embed(images)`` is the same as ``embed_prepared([prepare(i) for i in images])``.
+    """
+
+    info: MethodInfo
+
+    def prepare(self, image: Image.Image) -> Any: ...
+
+    def embed_prepared(self, items: Sequence[Any]) -> np.ndarray: ...
+
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray: ...
+
+
+class BaseMethod:
+    """Convenience base: ``embed`` composed from ``prepare`` and ``embed_prepared``."""
+
+    info: MethodInfo
+
+    def prepare(self, image: Image.Image) -> Any:
+        return image
+
+    def embed_prepared(self, items: Sequence[Any]) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return self.embed_prepared([self.prepare(image) for image in images])
+
+
+def l2_normalise(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero), as float32."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, 1e-12)
+
+
+def fingerprint_arrays(named: Sequence[tuple[str, np.ndarray]]) -> str:
+    """A short hash of named arrays' values: equal weights give equal fingerprints, wherever loaded."""
+    digest = hashlib.sha256()
+    for name, array in sorted(named, key=lambda item: item[0]):
+        array = np.ascontiguousarray(array)
+        digest.update(name.encode())
+        digest.update(str(array.dtype).encode())
+        digest.update(str(array.shape).encode())
+        digest.update(array.tobytes())
+    return "sha256:" + digest.hexdigest()[:16]

@@ -1,0 +1,133 @@
+"""Deep embeddings from Hugging Face image backbones (transformers ``AutoModel``).
+
+Presets (defaults are real hub ids; any of them accepts a local folder instead via ``model=``):
+
+============  ==================================  =====================================================
+name          default weights                     embedding
+============  ==================================  =====================================================
+resnet50      microsoft/resnet-50                 global-average-pooled last stage (``pooler_output``),
+                                                  2048-d: the penultimate layer of the classifier
+vit           facebook/dinov2-small               DINOv2 CLS token after the final layer norm
+                                                  (``pooler_output``), 384-d; self-supervised ViT,
+                                                  far stronger for retrieval than supervised ViTs
+vit-in21k     google/vit-base-patch16-224-in21k   CLS token of the last hidden state (after the final
+                                                  layer norm, skipping the untrained tanh pooler), 768-d
+hf:<id|path>  any AutoModel image backbone        ``pooler_output`` when the model has one, else the
+                                                  mean of the last hidden state; timm-format folders
+                                                  load as ``TimmWrapperModel`` (pooled pre-logits)
+============  ==================================  =====================================================
+
+Every embedding is L2-normalised and compared by cosine similarity. Preprocessing is exactly the
+model's own image processor (``AutoImageProcessor``). Weights load once per process.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lens.errors import ModelLoadError
+from lens.methods import register_method
+from lens.methods.base import BaseMethod, MethodInfo, fingerprint_arrays, l2_normalise
+
+
+@dataclass(frozen=True)
+class Preset:
+    model: str
+    pooling: str  # "pooler" | "cls" | "mean" | "auto"
+
+
+PRESETS: dict[str, Preset] = {
+    "resnet50": Preset("microsoft/resnet-50", "pooler"),
+    "vit": Preset("facebook/dinov2-small", "pooler"),
+    "vit-in21k": Preset("google/vit-base-patch16-224-in21k", "cls"),
+}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class HFBackbone(BaseMethod):
+    """An image backbone from transformers, embedding with one pooling rule."""
+
+    def __init__(self, name: str, model_ref: str, pooling: str = "auto", device: str | None = None):
+        from transformers import AutoImageProcessor, AutoModel
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # no load reports or processor-backend notes on stdout
+        hf_logging.disable_progress_bar()
+        self.device = torch.device(device) if device else default_device()
+        model_ref = os.path.expanduser(model_ref)
+        try:
+            self.processor = AutoImageProcessor.from_pretrained(model_ref)
+            self.model = AutoModel.from_pretrained(model_ref).eval().to(self.device)
+        except Exception as exc:  # transformers raises OSError, ValueError, HTTP errors, ...
+            raise ModelLoadError(
+                f"cannot load model '{model_ref}' for method '{name}': {_first_line(exc)}. "
+                "Hub models are downloaded on first use (this needs internet once, then they are "
+                f"cached); or pass a local folder: --model {name}=PATH"
+            ) from exc
+        self.pooling = pooling
+        self._lock = threading.Lock()
+        with torch.inference_mode():
+            probe = self.embed([Image.new("RGB", (224, 224), (127, 127, 127))])
+        weights = fingerprint_arrays(
+            [(k, v.detach().float().cpu().numpy()) for k, v in self.model.state_dict().items()]
+        )
+        self.info = MethodInfo(
+            name=name,
+            metric="cosine",
+            dim=int(probe.shape[1]),
+            model=model_ref,
+            weights=weights,
+            extra={"pooling": pooling, "architecture": type(self.model).__name__},
+        )
+
+    def prepare(self, image: Image.Image) -> torch.Tensor:
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    def embed_prepared(self, items: Sequence[Any]) -> np.ndarray:
+        batch = torch.stack(list(items)).to(self.device)
+        with self._lock, torch.inference_mode():
+            outputs = self.model(pixel_values=batch)
+            pooled = self._pool(outputs)
+        return l2_normalise(pooled.float().cpu().numpy())
+
+    def _pool(self, outputs: Any) -> torch.Tensor:
+        pooler = getattr(outputs, "pooler_output", None)
+        if self.pooling == "pooler" or (self.pooling == "auto" and pooler is not None):
+            if pooler is None:
+                raise ModelLoadError(f"model '{self.info.model}' has no pooled output")
+            return pooler.flatten(1)
+        hidden = outputs.last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        # mean: over tokens for (B, N, C), over the spatial grid for (B, C, H, W)
+        return hidden.mean(dim=1) if hidden.ndim == 3 else hidden.flatten(2).mean(dim=2)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _preset_factory(spec: str, model: str | None = None, **options: Any) -> HFBackbone:
+    preset = PRESETS[spec]
+    return HFBackbone(spec, model or preset.model, preset.pooling, **options)
+
+
+for _name in PRESETS:
+    register_method(_name)(_preset_factory)
+
+
+@register_method("hf", prefix=True)
+def _hf_factory(spec: str, model: str | None = None, **options: Any) -> HFBackbone:
+    return HFBackbone(spec, model or spec.partition(":")[2], "auto", **options)
