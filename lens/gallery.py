@@ -20,7 +20,7 @@ import numpy as np
 from filelock import FileLock
 
 from lens.embedding import embed_files
-from lens.errors import CorruptIndexError, LensError
+from lens.errors import CorruptIndexError, IndexNotFoundError, LensError
 from lens.images import ImageSource, crop, iter_image_files, load_image
 from lens.index import DEFAULT_INDEX, create_index
 from lens.methods import Method, create_method, method_slug
@@ -209,6 +209,12 @@ class Gallery:
     def open(self, spec: str) -> StoredIndex:
         """The live index of ``spec`` (opened once, re-opened when a newer build is published)."""
         build = live_build(self.method_dir(spec))
+        if build is None:
+            available = ", ".join(self.indexed_methods()) or "none yet"
+            raise IndexNotFoundError(
+                f"no index for method '{spec}' in {self.index_dir} (indexed: {available}); build it "
+                f"with `lens index {self.root} --methods {spec}`"
+            )
         with self._lock:
             stored = self._opened.get(spec)
             if stored is None or stored.folder != build:

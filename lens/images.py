@@ -65,7 +65,7 @@ def load_image(
         image = ImageOps.exif_transpose(image) or image
         return _to_rgb(image)
     except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageError(f"cannot decode {name}: {exc}") from exc
+        raise _decode_error(name, exc) from exc
 
 
 def _describe(source: ImageSource) -> str:
@@ -102,7 +102,13 @@ def _open(source: Union[str, os.PathLike, bytes], name: str, max_bytes: int) -> 
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"{name} is refused as a possible decompression bomb: {exc}") from exc
     except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageError(f"cannot open {name}: {exc}") from exc
+        raise _decode_error(name, exc) from exc
+
+
+def _decode_error(name: str, exc: BaseException) -> ImageError:
+    if "truncated" in str(exc).lower():
+        return ImageError(f"{name} is truncated (the file is incomplete): {exc}")
+    return ImageError(f"cannot decode {name}: {exc}")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

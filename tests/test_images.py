@@ -1,0 +1,124 @@
+"""Every kind of picture decodes to upright 8-bit RGB, or fails with a readable ImageError."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from conftest import shared_path
+from PIL import Image
+
+from lens.images import ImageError, crop, iter_image_files, load_image
+
+
+def _encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def test_exif_orientation_is_applied():
+    wide = Image.new("RGB", (40, 20), (255, 0, 0))
+    wide.paste((0, 0, 255), (0, 0, 10, 20))  # blue stripe on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    image = load_image(_encoded(wide, "JPEG", exif=exif.tobytes(), quality=95))
+    assert image.size == (20, 40)
+    top = np.asarray(image)[2, 10]
+    assert top[2] > 200 and top[0] < 80  # the blue stripe is now at the top
+
+
+@pytest.mark.parametrize("mode, fmt", [("L", "PNG"), ("1", "PNG"), ("P", "PNG"), ("CMYK", "JPEG"),
+                                       ("I;16", "PNG"), ("RGB", "WEBP"), ("RGB", "BMP"), ("RGB", "TIFF")])
+def test_pixel_modes_and_formats_become_rgb(mode, fmt):
+    source = Image.new("RGB", (30, 20), (200, 120, 40)).convert(mode) if mode != "I;16" else \
+        Image.fromarray(np.full((20, 30), 40000, dtype=np.uint16))
+    image = load_image(_encoded(source, fmt))
+    assert image.mode == "RGB" and image.size == (30, 20)
+    if mode == "I;16":
+        assert abs(int(np.asarray(image)[0, 0, 0]) - round(40000 / 65535 * 255)) <= 1
+
+
+def test_transparency_is_composited_on_white():
+    rgba = Image.new("RGBA", (10, 10), (255, 0, 0, 0))
+    rgba.paste((0, 255, 0, 255), (0, 0, 5, 10))
+    image = np.asarray(load_image(_encoded(rgba, "PNG")))
+    assert tuple(image[5, 8]) == (255, 255, 255)
+    assert tuple(image[5, 2]) == (0, 255, 0)
+    palette = Image.new("P", (4, 4), 0)
+    palette.info["transparency"] = 0
+    assert tuple(np.asarray(load_image(_encoded(palette, "PNG", transparency=0)))[0, 0]) == (255, 255, 255)
+
+
+def test_animated_gif_gives_its_first_frame():
+    frames = [Image.new("RGB", (8, 8), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    data = _encoded(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    assert np.asarray(load_image(data))[0, 0, 0] > 200
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"", "empty"),
+    (b"this is a text file, not a picture", "not an image"),
+])
+def test_unreadable_bytes_raise_image_error(data, message):
+    with pytest.raises(ImageError, match=message):
+        load_image(data)
+
+
+def test_truncated_jpeg_is_an_image_error(tmp_path):
+    data = _encoded(Image.new("RGB", (200, 200), (1, 2, 3)), "JPEG")
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(data[: len(data) // 3])
+    with pytest.raises(ImageError, match="cut.jpg.* truncated"):
+        load_image(path)
+
+
+def test_decompression_bomb_is_refused_without_decoding():
+    bomb = _encoded(Image.new("1", (20000, 20000)), "PNG")
+    with pytest.raises(ImageError, match="decompression bomb"):
+        load_image(bomb)
+
+
+def test_missing_file_and_size_limit(tmp_path):
+    with pytest.raises(ImageError, match="does not exist"):
+        load_image(tmp_path / "nope.jpg")
+    path = tmp_path / "big.png"
+    path.write_bytes(_encoded(Image.new("RGB", (64, 64)), "PNG"))
+    with pytest.raises(ImageError, match="over the limit"):
+        load_image(path, max_bytes=10)
+
+
+def test_crop_clamps_to_the_image_and_refuses_empty_boxes():
+    image = Image.new("RGB", (100, 50))
+    assert crop(image, (-10, -10, 40, 30)).size == (40, 30)
+    assert crop(image, None) is image
+    with pytest.raises(ImageError, match="no area"):
+        crop(image, (10, 10, 10, 40))
+    with pytest.raises(ImageError, match="no area"):
+        crop(image, (200, 10, 300, 40))
+
+
+def test_folder_scan_is_recursive_sorted_and_skips_hidden(tmp_path):
+    for name in ("b.jpg", "a.PNG", "sub/c.webp", ".hidden/d.jpg", "sub/.e.jpg", "notes.txt", "f.gif"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    found = [p.relative_to(tmp_path).as_posix() for p in iter_image_files(tmp_path)]
+    assert found == ["a.PNG", "b.jpg", "f.gif", "sub/c.webp"]
+
+
+@pytest.mark.shared
+def test_shared_odd_formats_decode():
+    folder = shared_path("data", "near-duplicates", "formats_images")
+    decoded = []
+    for path in sorted(folder.iterdir()):
+        try:
+            image = load_image(path)
+        except ImageError as exc:  # marbles.pbm in this fixture set is cut short
+            assert "truncated" in str(exc) and path.name in str(exc)
+            continue
+        assert image.mode == "RGB" and min(image.size) > 1, path.name
+        decoded.append(path.suffix)
+    assert {".ppm", ".pgm", ".tiff", ".gif"} <= set(decoded)
+    alpha = load_image(folder.parent / "alpha_channel_image.png")
+    assert alpha.mode == "RGB"
