@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,8 +48,12 @@ def embed_files(
     prefetch: int = 2,
     progress: bool = True,
     desc: str | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> Embedded:
-    """Embed ``paths`` with ``method``; unreadable files are skipped with a warning."""
+    """Embed ``paths`` with ``method``; unreadable files are skipped with a warning.
+
+    ``on_progress(done, total)`` is called after every batch (e.g. to show progress in the app).
+    """
     chunks: list[np.ndarray] = []
     done: list[Path] = []
     skipped: list[tuple[Path, str]] = []
@@ -67,6 +71,8 @@ def embed_files(
             if items:
                 chunks.append(np.asarray(method.embed_prepared(items)))
             bar.update(len(batch))
+            if on_progress is not None:
+                on_progress(bar.n, len(paths))
     if chunks:
         vectors = np.concatenate(chunks)
     else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,13 +121,17 @@ class Gallery:
         batch_size: int = 32,
         workers: int = 2,
         progress: bool = True,
+        on_progress: Callable[[str, int, int], None] | None = None,
     ) -> list[IndexReport]:
-        """Build or refresh the index of every method; only new or changed images are embedded."""
+        """Build or refresh the index of every method; only new or changed images are embedded.
+
+        ``progress`` shows a progress bar; ``on_progress(method, done, total)`` reports each batch.
+        """
         items = self.scan()
         if not items:
             raise LensError(f"no images found in '{self.root}' (looked for jpg, png, webp, bmp, tiff, gif)")
         return [
-            self._index_one(spec, items, index_spec, batch_size, workers, progress)
+            self._index_one(spec, items, index_spec, batch_size, workers, progress, on_progress)
             for spec in methods
         ]
 
@@ -139,6 +143,7 @@ class Gallery:
         batch_size: int,
         workers: int,
         progress: bool,
+        on_progress: Callable[[str, int, int], None] | None,
     ) -> IndexReport:
         started = time.perf_counter()
         method = self.method(spec)
@@ -152,6 +157,7 @@ class Gallery:
             embedded = embed_files(
                 method, [self.root / item.path for item in fresh],
                 batch_size=batch_size, workers=workers, progress=progress, desc=spec,
+                on_progress=(lambda done, total: on_progress(spec, done, total)) if on_progress else None,
             )
             embed_seconds = time.perf_counter() - embed_started
             by_path = {item.path: item for item in fresh}

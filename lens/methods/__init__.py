@@ -39,6 +39,7 @@ MethodFactory = Callable[..., Method]
 _NAMES: dict[str, MethodFactory] = {}
 _PREFIXES: dict[str, MethodFactory] = {}
 _CACHE: dict[tuple[str, str | None, tuple[tuple[str, Any], ...]], Method] = {}
+_LOADING: dict[tuple[str, str | None, tuple[tuple[str, Any], ...]], threading.Lock] = {}
 _LOCK = threading.Lock()
 _loaded = False
 
@@ -88,10 +89,14 @@ def create_method(spec: str, *, model: str | None = None, **options: Any) -> Met
     spec = spec.strip()
     factory = _factory(spec)
     key = (spec, model, tuple(sorted(options.items())))
-    with _LOCK:
+    if key in _CACHE:
+        return _CACHE[key]
+    with _LOCK:  # one lock per method, so loading one model never blocks using another
+        lock = _LOADING.setdefault(key, threading.Lock())
+    with lock:
         if key not in _CACHE:
             _CACHE[key] = factory(spec, model=model, **options)
-        return _CACHE[key]
+    return _CACHE[key]
 
 
 def method_slug(spec: str) -> str:

@@ -1,0 +1,46 @@
+"""Pictures for people: detected boxes drawn on a photo, numbered and labelled."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from PIL import Image, ImageDraw, ImageFont
+
+PALETTE = ["#ff4d4f", "#1890ff", "#52c41a", "#faad14", "#722ed1", "#13c2c2", "#eb2f96", "#fa8c16"]
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def draw_boxes(image: Image.Image, boxes: Sequence[Any], selected: int | None = None) -> Image.Image:
+    """A copy of ``image`` with each box outlined and tagged ``N label score``.
+
+    ``boxes`` are objects with x1, y1, x2, y2, label, score; box N is drawn with number N+1.
+    The ``selected`` box is drawn thicker and the others are dimmed.
+    """
+    canvas = image.convert("RGB").copy()
+    width, height = canvas.size
+    line = max(2, round(min(width, height) / 200))
+    font = _font(max(12, round(min(width, height) / 28)))
+    overlay = ImageDraw.Draw(canvas)
+    order = [i for i in range(len(boxes)) if i != selected] + ([selected] if selected is not None else [])
+    for i in order:
+        box = boxes[i]
+        colour = PALETTE[i % len(PALETTE)]
+        thick = line * 2 if i == selected else line
+        if selected is not None and i != selected:
+            thick = max(1, line // 2)
+        overlay.rectangle((box.x1, box.y1, box.x2, box.y2), outline=colour, width=thick)
+        tag = f"{i + 1} {box.label} {box.score:.2f}"
+        left, top, right, bottom = overlay.textbbox((0, 0), tag, font=font)
+        tag_w, tag_h = right - left + 6, bottom - top + 6
+        x = min(max(0, box.x1), max(0, width - tag_w))
+        y = box.y1 - tag_h if box.y1 - tag_h >= 0 else box.y1
+        overlay.rectangle((x, y, x + tag_w, y + tag_h), fill=colour)
+        overlay.text((x + 3 - left, y + 3 - top), tag, fill="white", font=font)
+    return canvas

@@ -1,0 +1,205 @@
+"""Everything the app does, as plain Python: the UI in app.py only calls this.
+
+A :class:`LensService` serves one gallery with a set of methods. At start it opens the methods whose
+indexes exist and builds the missing ones on a background thread, while already-built methods serve
+queries. It detects objects (once per photo: results are cached), picks the main subject, searches
+one method or compares them all, timing each search.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from lens.detect import Box, box_at, create_detector, crop_box, main_subject
+from lens.errors import IndexNotFoundError, LensError
+from lens.gallery import Gallery, SearchResult
+from lens.images import load_image
+
+log = logging.getLogger("lens")
+
+THUMBNAIL_SIZE = 320
+
+#: Boxes are detected once at this low threshold and filtered afterwards, so moving the threshold
+#: slider never re-runs the detector.
+DETECT_FLOOR = 0.05
+
+
+@dataclass
+class MethodState:
+    name: str
+    status: str  #: "ready", "queued", "building", "failed", "missing"
+    detail: str = ""  #: progress or the reason it failed, for people
+
+
+@dataclass
+class Outcome:
+    """One method's answer to one query."""
+
+    method: str
+    results: list[SearchResult] = field(default_factory=list)
+    seconds: float = 0.0
+    error: str | None = None
+
+
+class LensService:
+    def __init__(
+        self,
+        gallery: Gallery,
+        methods: Sequence[str],
+        *,
+        detector: str = "yolo",
+        detector_weights: str | None = None,
+        detect_cache_size: int = 64,
+    ):
+        if not methods:
+            raise LensError("no methods to serve")
+        self.gallery = gallery
+        self.methods = list(dict.fromkeys(methods))
+        self.detector = detector
+        self.detector_weights = detector_weights
+        self._states = {m: MethodState(m, "queued", "waiting to be opened") for m in self.methods}
+        self._lock = threading.Lock()
+        self._detections: OrderedDict[tuple, list[Box]] = OrderedDict()
+        self._detect_cache_size = detect_cache_size
+        self._worker: threading.Thread | None = None
+        self.thumbnail_dir = gallery.index_dir / "thumbnails"
+
+    # -- methods and their indexes ---------------------------------------------------------------
+    def start(self, *, background: bool = True, build_missing: bool = True) -> None:
+        """Open every method's index and build the missing ones (on a thread unless told otherwise)."""
+        if background:
+            self._worker = threading.Thread(target=self._prepare_all, args=(build_missing,),
+                                            name="lens-build", daemon=True)
+            self._worker.start()
+        else:
+            self._prepare_all(build_missing)
+
+    def wait(self, timeout: float | None = None) -> None:
+        if self._worker is not None:
+            self._worker.join(timeout)
+
+    def _set(self, method: str, status: str, detail: str = "") -> None:
+        with self._lock:
+            self._states[method] = MethodState(method, status, detail)
+
+    def _prepare_all(self, build_missing: bool) -> None:
+        missing = []
+        for method in self.methods:  # existing indexes first, so they serve while others build
+            try:
+                self._set(method, "ready", f"{len(self.gallery.open(method).items)} images")
+            except IndexNotFoundError:
+                missing.append(method)
+                if build_missing:
+                    self._set(method, "queued", "no index yet: waiting to be built")
+                else:
+                    self._set(method, "missing",
+                              f"no index: build it with `lens index {self.gallery.root} --methods {method}`")
+            except Exception as exc:  # a broken method must not stop the others
+                self._set(method, "failed", str(exc))
+        for method in missing if build_missing else []:
+            self._set(method, "building", "loading the model")
+            try:
+                self.gallery.index(
+                    [method], progress=False,
+                    on_progress=lambda m, done, total: self._set(m, "building", f"indexing {done}/{total}"),
+                )
+                self._set(method, "ready", f"{len(self.gallery.open(method).items)} images")
+            except Exception as exc:
+                log.warning("cannot build the %s index: %s", method, exc)
+                self._set(method, "failed", str(exc))
+
+    def states(self) -> list[MethodState]:
+        with self._lock:
+            return [self._states[m] for m in self.methods]
+
+    def ready_methods(self) -> list[str]:
+        return [s.name for s in self.states() if s.status == "ready"]
+
+    def status_markdown(self) -> str:
+        icons = {"ready": "✅", "queued": "⏳", "building": "🔨", "failed": "⚠️", "missing": "➖"}
+        lines = [f"- {icons[s.status]} **{s.name}**: {s.status}" + (f" ({s.detail})" if s.detail else "")
+                 for s in self.states()]
+        return "\n".join(lines)
+
+    # -- detection -------------------------------------------------------------------------------
+    def detect(self, image: Image.Image, detector: str | None = None, threshold: float = 0.25) -> list[Box]:
+        """Objects in ``image`` scoring at least ``threshold``, best first (detector runs once per photo)."""
+        name = detector or self.detector
+        weights = self.detector_weights if name == self.detector else None
+        key = (hashlib.sha1(image.tobytes()).hexdigest(), image.size, name, weights)
+        with self._lock:
+            boxes = self._detections.get(key)
+            if boxes is not None:
+                self._detections.move_to_end(key)
+        if boxes is None:
+            boxes = create_detector(name, weights, conf=DETECT_FLOOR).detect(image)
+            with self._lock:
+                self._detections[key] = boxes
+                while len(self._detections) > self._detect_cache_size:
+                    self._detections.popitem(last=False)
+        return [box for box in boxes if box.score >= threshold]
+
+    @staticmethod
+    def main_subject_index(boxes: Sequence[Box], size: tuple[int, int]) -> int | None:
+        subject = main_subject(list(boxes), size)
+        return None if subject is None else list(boxes).index(subject)
+
+    @staticmethod
+    def box_at(boxes: Sequence[Box], x: float, y: float) -> int | None:
+        return box_at(list(boxes), x, y)
+
+    @staticmethod
+    def subject_image(image: Image.Image, box: Box | None, margin: float = 0.05) -> Image.Image:
+        return image if box is None else crop_box(image, box, margin)
+
+    # -- search ----------------------------------------------------------------------------------
+    def search(self, image: Image.Image, method: str, k: int = 10, box: Box | None = None) -> Outcome:
+        """The ``k`` most similar gallery images to ``image`` (or to its ``box``), timed."""
+        state = next((s for s in self.states() if s.name == method), None)
+        if state is None:
+            raise LensError(f"method '{method}' is not served here; choose one of {', '.join(self.methods)}")
+        if state.status != "ready":
+            raise LensError(f"method '{method}' is not available yet: {state.status} ({state.detail})")
+        subject = self.subject_image(image, box)
+        started = time.perf_counter()
+        results = self.gallery.search(subject, method, k=k)
+        return Outcome(method, results, time.perf_counter() - started)
+
+    def compare(self, image: Image.Image, k: int = 5, box: Box | None = None) -> list[Outcome]:
+        """The same subject searched with every ready method (one outcome per method, errors kept)."""
+        outcomes = []
+        for method in self.ready_methods():
+            try:
+                outcomes.append(self.search(image, method, k, box))
+            except LensError as exc:
+                outcomes.append(Outcome(method, error=str(exc)))
+        return outcomes
+
+    # -- pictures for the UI ---------------------------------------------------------------------
+    def thumbnail(self, result: SearchResult) -> Path:
+        """A small JPEG of a result (made once), only for files inside the gallery root."""
+        root = self.gallery.root.resolve()
+        source = (self.gallery.root / result.path).resolve()  # follows symlinks
+        if not source.is_relative_to(root):
+            raise LensError(f"refusing to show '{result.path}': it is outside the gallery folder")
+        stat = source.stat()
+        key = hashlib.sha1(f"{source}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:20]
+        target = self.thumbnail_dir / f"{key}.jpg"
+        if not target.exists():
+            image = load_image(source)
+            image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+            self.thumbnail_dir.mkdir(parents=True, exist_ok=True)
+            partial = target.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+            image.save(partial, "JPEG", quality=85)
+            os.replace(partial, target)
+        return target

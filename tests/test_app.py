@@ -1,0 +1,132 @@
+"""The app's API through gradio_client against a real Gradio server on localhost."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, write_gallery
+from PIL import Image
+
+from lens import Gallery
+from lens.detect import Box, register_detector
+from lens.service import LensService
+
+EXAMPLE = REPO / "examples" / "cat.jpg"
+
+
+class QuadrantDetector:
+    """A stand-in detector with known output: the left half and a small box in the right half."""
+
+    def detect(self, image: Image.Image) -> list[Box]:
+        width, height = image.size
+        return [Box(0, 0, width / 2, height, "left", 0.9),
+                Box(width * 0.6, height * 0.2, width * 0.9, height * 0.5, "small", 0.6)]
+
+
+@register_detector("test-quadrants")
+def _quadrants(weights=None, **options):
+    return QuadrantDetector()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_resnet, tiny_dinov2):
+    import app
+    from gradio_client import Client
+
+    root = tmp_path_factory.mktemp("app")
+    write_gallery(root / "photos", 10)
+    Image.open(EXAMPLE).save(root / "photos" / "cat.jpg")
+    gallery = Gallery(root / "photos", root / "indexes", models={"resnet50": str(tiny_resnet),
+                                                                  "vit": str(tiny_dinov2)})
+    gallery.index(["resnet50"], progress=False)  # vit's index is missing: the app builds it at start
+    service = LensService(gallery, ["resnet50", "vit"], detector="test-quadrants")
+    service.start(background=True)
+    demo = app.build_app(service)
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                allowed_paths=[str(service.thumbnail_dir.resolve())])
+    client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    deadline = time.time() + 120
+    while {m["status"] for m in client.predict(api_name="/methods")} != {"ready"}:
+        assert time.time() < deadline, client.predict(api_name="/methods")
+        time.sleep(0.5)
+    yield client, service
+    demo.close()
+
+
+def test_upload_pick_a_box_and_search_with_two_methods(served):
+    from gradio_client import handle_file
+
+    client, _ = served
+    detected = client.predict(handle_file(str(EXAMPLE)), "", 0.25, api_name="/detect")
+    width, height = detected["size"]
+    assert [b["label"] for b in detected["boxes"]] == ["left", "small"]
+    # a click at 75% width, 35% height is inside the small box only
+    picked = client.predict(detected["boxes"], width * 0.75, height * 0.35, api_name="/pick")
+    assert picked == 1
+    assert client.predict(detected["boxes"], width * 0.75, height * 0.9, api_name="/pick") is None
+    box = detected["boxes"][picked]["box"]
+    for method in ("resnet50", "vit"):
+        answer = client.predict(handle_file(str(EXAMPLE)), method, 4, box, api_name="/search")
+        assert answer["method"] == method and answer["error"] is None
+        assert [r["rank"] for r in answer["results"]] == [1, 2, 3, 4]
+        assert all(0.0 <= r["score"] <= 1.0 for r in answer["results"])
+        whole = client.predict(handle_file(str(EXAMPLE)), method, 1, None, api_name="/search")
+        assert whole["results"][0]["path"] == "cat.jpg"  # the photo itself is in the gallery
+        assert whole["results"][0]["score"] > 0.9
+
+
+def test_compare_returns_one_row_per_indexed_method(served):
+    from gradio_client import handle_file
+
+    client, _ = served
+    rows = client.predict(handle_file(str(EXAMPLE)), 3, None, api_name="/compare")
+    assert [row["method"] for row in rows] == ["resnet50", "vit"]
+    assert all(len(row["results"]) == 3 and row["seconds"] > 0 for row in rows)
+
+
+def test_missing_index_was_built_at_start_up(served):
+    client, service = served
+    states = {m["name"]: m for m in client.predict(api_name="/methods")}
+    assert states["vit"]["status"] == "ready"
+    assert (service.gallery.index_dir / "vit" / "CURRENT").is_file()
+
+
+def test_errors_are_readable_and_the_app_keeps_serving(served, tmp_path):
+    from gradio_client import handle_file
+
+    client, _ = served
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not a jpeg")
+    with pytest.raises(Exception, match="not an image lens can read|cannot decode"):
+        client.predict(handle_file(str(broken)), "resnet50", 3, None, api_name="/search")
+    with pytest.raises(Exception, match="not served here"):
+        client.predict(handle_file(str(EXAMPLE)), "sift-nope", 3, None, api_name="/search")
+    answer = client.predict(handle_file(str(EXAMPLE)), "resnet50", 2, None, api_name="/search")
+    assert len(answer["results"]) == 2
+
+
+def test_thumbnails_never_leave_the_gallery(served, tmp_path):
+    from lens.errors import LensError
+    from lens.gallery import SearchResult
+
+    _, service = served
+    outside = tmp_path / "secret.jpg"
+    Image.new("RGB", (8, 8)).save(outside)
+    link = service.gallery.root / "link.jpg"
+    link.symlink_to(outside)
+    try:
+        for path in ("../../secret.jpg", "link.jpg"):
+            with pytest.raises(LensError, match="outside the gallery"):
+                service.thumbnail(SearchResult(1, path, 1.0, Path(path)))
+    finally:
+        link.unlink()

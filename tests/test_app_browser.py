@@ -1,0 +1,122 @@
+"""End to end in a real browser: `python app.py` served on localhost, driven by Playwright + Chromium.
+
+Uses Debian's chromium (never a downloaded browser) and the real YOLO and EfficientNet-Lite0 weights
+from ../shared, so the detector draws real boxes on the example photo. Saves a screenshot to
+artifacts/app-e2e.png.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from conftest import REPO, shared_path
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+EXAMPLE = REPO / "examples" / "cat.jpg"
+ARTIFACTS = REPO / "artifacts"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory, tiny_dinov2):
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("needs Debian's chromium (apt-get install chromium; scripts/setup.sh --dev does it)")
+    yolo = shared_path("weights", "yolov8n_int8.tflite")
+    effnet = shared_path("weights", "efficientnet_lite0.in1k")
+    work = tmp_path_factory.mktemp("browser")
+    from lens.samples import write_sample_gallery
+
+    gallery = write_sample_gallery(work / "samples")
+    port = _free_port()
+    log = open(work / "app.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, str(REPO / "app.py"), "--gallery", str(gallery), "--index-dir", str(work / "idx"),
+         "--methods", f"hf:{effnet},vit", "--model", f"vit={tiny_dinov2}",
+         "--detector-weights", str(yolo), "--host", "127.0.0.1", "--port", str(port)],
+        cwd=work, stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)},
+    )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 180
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            assert server.poll() is None, (work / "app.log").read_text()
+            assert time.time() < deadline, "the app did not start in 180 s"
+            time.sleep(0.5)
+    yield url, effnet
+    server.terminate()
+    server.wait(timeout=30)
+    log.close()
+
+
+def _image_point(page, selector: str, x: float, y: float, size: tuple[int, int]) -> tuple[float, float]:
+    """Screen coordinates of pixel (x, y) of an image shown with object-fit: contain."""
+    rect = page.locator(selector).bounding_box()
+    scale = min(rect["width"] / size[0], rect["height"] / size[1])
+    left = rect["x"] + (rect["width"] - size[0] * scale) / 2
+    top = rect["y"] + (rect["height"] - size[1] * scale) / 2
+    return left + x * scale, top + y * scale
+
+
+def test_click_a_box_switch_method_and_see_results(app_url):
+    from gradio_client import Client, handle_file
+    from playwright.sync_api import expect, sync_playwright
+
+    url, effnet = app_url
+    client = Client(url, verbose=False)
+    deadline = time.time() + 240
+    while {m["status"] for m in client.predict(api_name="/methods")} != {"ready"}:
+        assert time.time() < deadline, client.predict(api_name="/methods")
+        time.sleep(1)
+    detected = client.predict(handle_file(str(EXAMPLE)), "", 0.25, api_name="/detect")
+    cats = [b for b in detected["boxes"] if b["label"] == "cat"]
+    assert cats, detected
+    x1, y1, x2, y2 = cats[0]["box"]
+    size = tuple(detected["size"])
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"],
+        )
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.goto(url)
+        page.locator("#lens-upload input[type=file]").set_input_files(str(EXAMPLE))
+        view = "#lens-view img"
+        expect(page.locator(view)).to_be_visible(timeout=60_000)
+        expect(page.locator("#lens-results img").first).to_be_visible(timeout=60_000)
+
+        # a click outside every box selects the whole image, a click inside the cat selects it
+        page.mouse.click(*_image_point(page, view, 2, size[1] - 2, size))
+        expect(page.locator("#lens-subject input:checked")).to_have_value("Whole image", timeout=30_000)
+        page.mouse.click(*_image_point(page, view, (x1 + x2) / 2, (y1 + y2) / 2, size))
+        expect(page.locator("#lens-subject input:checked")).to_have_value(
+            __import__("re").compile(r"^\d+ · cat"), timeout=30_000)
+        expect(page.locator("#lens-info")).to_contain_text(f"hf:{effnet}", timeout=30_000)
+        expect(page.locator("#lens-results img")).to_have_count(8, timeout=30_000)
+
+        # switch the method: the results come back from the other index
+        page.locator("#lens-method input").click()
+        page.get_by_role("option", name="vit", exact=True).click()
+        expect(page.locator("#lens-info")).to_contain_text("**vit**".strip("*"), timeout=30_000)
+        expect(page.locator("#lens-results img")).to_have_count(8, timeout=30_000)
+
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "app-e2e.png"), full_page=True)
+        browser.close()
