@@ -1,4 +1,4 @@
-"""The ``lens`` command line: ``lens index``, ``lens search``, ``lens methods``.
+"""The ``lens`` command line: ``lens index``, ``lens search``, ``lens detect``, ``lens methods``.
 
 Every command is a thin shell over the library (:class:`lens.Gallery`); errors a user can fix are
 printed as one line (``lens: error: ...``) with exit status 1, never as a traceback.
@@ -96,7 +96,16 @@ def _search_parser(sub: argparse._SubParsersAction) -> Handler:
     parser.add_argument("--method", default=DEFAULT_METHODS, help="method spec (default: %(default)s)")
     parser.add_argument("-k", type=int, default=10, help="how many results (default: %(default)s)")
     parser.add_argument("--box", metavar="x1,y1,x2,y2", help="search only this region of the query (pixels)")
-    parser.add_argument("--json", action="store_true", help="print a JSON list of {rank, path, score}")
+    parser.add_argument("--json", action="store_true",
+                        help="print a JSON list of {rank, path, score}; with --detect, a list of "
+                             "{box, results}, one per searched box (box: null for the whole image)")
+    parser.add_argument("--detect", nargs="?", const="main", choices=["main", "all"],
+                        help="find objects first: search the main subject (--detect or --detect main), "
+                             "or every detected object, results grouped per box (--detect all)")
+    parser.add_argument("--margin", type=float, default=0.05,
+                        help="context added around a detected box, as a fraction of its size "
+                             "(default: %(default)s)")
+    _add_detector_options(parser, weights_flag="--detector-weights")
     _add_common(parser)
     return _run_search
 
@@ -108,13 +117,104 @@ def _run_search(args: argparse.Namespace) -> int:
 
     query = load_image(args.query)  # a bad query fails here, before any model loads
     gallery = _gallery(args)
+    if args.detect:
+        return _search_detected(args, gallery, query)
     results = gallery.search(query, args.method, k=args.k, box=_parse_box(args.box))
     if args.json:
         print(json.dumps([r.as_dict() for r in results], indent=2))
         return 0
+    _print_results(results)
+    return 0
+
+
+def _print_results(results) -> None:
     print(f"{'rank':>4}  {'score':>6}  path   (score: cosine similarity, 1 = identical)")
     for r in results:
         print(f"{r.rank:>4}  {r.score:6.4f}  {r.file}")
+
+
+def _search_detected(args: argparse.Namespace, gallery, query) -> int:
+    """``search --detect``: the main subject, or every object; the whole image when nothing is found."""
+    from lens.detect import crop_box, main_subject
+
+    if args.box:
+        raise LensError("use either --box or --detect, not both")
+    gallery.open(args.method)  # a missing index fails before the detector loads
+    boxes = _detector(args).detect(query)
+    if args.detect == "main":
+        subject = main_subject(boxes, query.size)
+        boxes = [subject] if subject else []
+    if not boxes:
+        logging.getLogger("lens").warning("no object found (detector %s); searching the whole image",
+                                          args.detector)
+    regions = [crop_box(query, box, args.margin) for box in boxes] or [query]
+    groups = gallery.search_many(regions, args.method, k=args.k)
+    shown = boxes or [None]
+    if args.json:
+        print(json.dumps([{"box": box.as_dict() if box else None, "results": [r.as_dict() for r in group]}
+                          for box, group in zip(shown, groups)], indent=2))
+        return 0
+    for n, (box, group) in enumerate(zip(shown, groups), 1):
+        if n > 1:
+            print()
+        print(_describe_box(box, n, len(shown)))
+        _print_results(group)
+    return 0
+
+
+def _describe_box(box, n: int, count: int) -> str:
+    if box is None:
+        return "whole image (no object found)"
+    where = ",".join(f"{v:.0f}" for v in box.xyxy)
+    prefix = "main subject" if count == 1 else f"object {n}/{count}"
+    return f"{prefix}: {box.label} (score {box.score:.2f}) at {where}"
+
+
+# -- lens detect -----------------------------------------------------------------------------------
+def _add_detector_options(parser: argparse.ArgumentParser, weights_flag: str) -> None:
+    parser.add_argument("--detector", default="yolo", choices=["yolo", "retinanet"],
+                        help="object detector (default: %(default)s)")
+    parser.add_argument(weights_flag, dest="detector_weights", metavar="PATH",
+                        help="detector weights: a local file (yolo: .pt/.onnx/.tflite; retinanet: a state "
+                             "dict) or a model name (default: yolo11n.pt / torchvision COCO_V1, "
+                             "downloaded on first use)")
+    parser.add_argument("--conf", type=float, default=0.25,
+                        help="detection score threshold (default: %(default)s)")
+
+
+def _detector(args: argparse.Namespace):
+    from lens.detect import create_detector
+
+    return create_detector(args.detector, args.detector_weights, conf=args.conf)
+
+
+def _detect_parser(sub: argparse._SubParsersAction) -> Handler:
+    parser = sub.add_parser("detect", help="find the objects in a photo (boxes, labels, scores)")
+    parser.add_argument("photo", metavar="PHOTO")
+    _add_detector_options(parser, weights_flag="--weights")
+    parser.add_argument("--json", action="store_true",
+                        help='print a JSON list of {"box": [x1,y1,x2,y2], "label", "score"}, best first')
+    return _run_detect
+
+
+def _run_detect(args: argparse.Namespace) -> int:
+    from lens.detect import main_subject
+    from lens.images import load_image
+
+    photo = load_image(args.photo)
+    boxes = _detector(args).detect(photo)
+    if args.json:
+        print(json.dumps([box.as_dict() for box in boxes], indent=2))
+        return 0
+    if not boxes:
+        print(f"no object found (detector {args.detector}, score threshold {args.conf})")
+        return 0
+    subject = main_subject(boxes, photo.size)
+    print(f"{'#':>3}  {'score':>5}  {'label':<16} box x1,y1,x2,y2 (pixels)   * = main subject")
+    for n, box in enumerate(boxes, 1):
+        mark = "*" if box is subject else " "
+        where = ",".join(f"{v:.0f}" for v in box.xyxy)
+        print(f"{n:>2}{mark}  {box.score:5.3f}  {box.label:<16} {where}")
     return 0
 
 
@@ -131,7 +231,7 @@ def _run_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = [_index_parser, _search_parser, _methods_parser]
+COMMANDS = [_index_parser, _search_parser, _detect_parser, _methods_parser]
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
