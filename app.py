@@ -23,7 +23,7 @@ import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from lens import Gallery, LensError, load_image  # noqa: E402
-from lens.detect import Box  # noqa: E402
+from lens.detect import Box, list_detectors  # noqa: E402
 from lens.draw import draw_boxes  # noqa: E402
 from lens.images import MAX_BYTES  # noqa: E402
 from lens.samples import write_sample_gallery  # noqa: E402
@@ -189,7 +189,7 @@ def build_app(service: LensService) -> gr.Blocks:
                                 elem_id="lens-view", height=420, buttons=["fullscreen"])
                 subject = gr.Radio([WHOLE], value=WHOLE, label="Subject", elem_id="lens-subject")
                 with gr.Accordion("Detector", open=False):
-                    detector = gr.Dropdown(["yolo", "retinanet"], value=service.detector, label="Detector")
+                    detector = gr.Dropdown(list_detectors(), value=service.detector, label="Detector")
                     threshold = gr.Slider(0.05, 0.95, value=0.25, step=0.05, label="Score threshold")
                 if EXAMPLES:
                     gr.Examples(EXAMPLES, inputs=upload, label="Examples")
@@ -245,7 +245,8 @@ def _outcome_json(outcome: Outcome) -> dict:
         "method": outcome.method,
         "seconds": round(outcome.seconds, 4),
         "error": outcome.error,
-        "results": [{"rank": r.rank, "path": r.path, "score": round(r.score, 6)} for r in outcome.results],
+        # "image" (not "path": gradio_client would take the dict for a file to download)
+        "results": [{"rank": r.rank, "image": r.path, "score": round(r.score, 6)} for r in outcome.results],
     }
 
 
@@ -258,7 +259,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="comma-separated methods to serve (default: %(default)s)")
     parser.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
                         help="weights for a method: hub id or local folder (repeatable)")
-    parser.add_argument("--detector", default="yolo", choices=["yolo", "retinanet"])
+    parser.add_argument("--detector", default="yolo", choices=list_detectors())
     parser.add_argument("--detector-weights", help="detector weights file (default: the detector's own)")
     parser.add_argument("--no-build", action="store_true", help="do not build missing indexes at start-up")
     parser.add_argument("--host", default=None, help="address to listen on (default: 127.0.0.1, or "

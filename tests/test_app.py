@@ -81,7 +81,7 @@ def test_upload_pick_a_box_and_search_with_two_methods(served):
         assert [r["rank"] for r in answer["results"]] == [1, 2, 3, 4]
         assert all(0.0 <= r["score"] <= 1.0 for r in answer["results"])
         whole = client.predict(handle_file(str(EXAMPLE)), method, 1, None, api_name="/search")
-        assert whole["results"][0]["path"] == "cat.jpg"  # the photo itself is in the gallery
+        assert whole["results"][0]["image"] == "cat.jpg"  # the photo itself is in the gallery
         assert whole["results"][0]["score"] > 0.9
 
 
