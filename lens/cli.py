@@ -172,7 +172,9 @@ def _describe_box(box, n: int, count: int) -> str:
 
 # -- lens detect -----------------------------------------------------------------------------------
 def _add_detector_options(parser: argparse.ArgumentParser, weights_flag: str) -> None:
-    parser.add_argument("--detector", default="yolo", choices=["yolo", "retinanet"],
+    from lens.detect import list_detectors
+
+    parser.add_argument("--detector", default="yolo", choices=list_detectors(),
                         help="object detector (default: %(default)s)")
     parser.add_argument(weights_flag, dest="detector_weights", metavar="PATH",
                         help="detector weights: a local file (yolo: .pt/.onnx/.tflite; retinanet: a state "

@@ -33,8 +33,8 @@ clamped to it, best score first.
 
 where ``a`` is the box's share of the image area. A confident, large, central object wins; the
 square root keeps a big object from always beating a smaller confident one in the middle, and
-``1 - a^2`` sets aside boxes that fill the frame (the dining table under the cup, the bed under the
-cat): searching them is searching the whole image, which is always an option anyway. Checked on
+``1 - a^2`` sets aside boxes that fill the frame (the dining table under the cup): searching them
+is searching the whole image, which is always an option anyway. Checked on
 ``../shared/data/coco-mini`` in ``tests/test_detect.py`` (figures in ``docs/detection.md``).
 
 Crops (:func:`crop_box`) widen the box by ``margin`` (a fraction of its width and height, 5% by
@@ -68,6 +68,7 @@ from lens.errors import LensError, ModelLoadError  # noqa: E402
 from lens.images import ImageError, ImageSource, crop, load_image  # noqa: E402
 
 __all__ = [
+    "BaseDetector",
     "Box",
     "Detector",
     "box_at",
@@ -198,6 +199,44 @@ def crop_box(
     return crop(image, expand_box(box, image.size, margin))
 
 
+class BaseDetector:
+    """What every detector shares: thresholds, a lock, and ``detect`` composed from ``_detect``."""
+
+    name: str
+    weights: str
+
+    def __init__(
+        self,
+        *,
+        conf: float = DEFAULT_CONF,
+        iou: float = DEFAULT_IOU,
+        max_boxes: int = DEFAULT_MAX_BOXES,
+        imgsz: int | None = None,
+        device: str | None = None,
+    ):
+        if not 0.0 <= conf <= 1.0:
+            raise LensError(f"the score threshold (conf) must be between 0 and 1, got {conf}")
+        if not 0.0 < iou <= 1.0:
+            raise LensError(f"the NMS IoU threshold must be in (0, 1], got {iou}")
+        if max_boxes < 1:
+            raise LensError(f"max_boxes must be at least 1, got {max_boxes}")
+        self.conf, self.iou, self.max_boxes, self.imgsz, self.device = conf, iou, max_boxes, imgsz, device
+        self._lock = threading.Lock()  # a model / ultralytics predictor is not safe to share between threads
+
+    def detect(self, image: ImageSource) -> list[Box]:
+        return self.detect_many([image])[0]
+
+    def detect_many(self, images: Sequence[ImageSource]) -> list[list[Box]]:
+        pictures = [load_image(image) for image in images]
+        if not pictures:
+            return []
+        with self._lock:
+            return self._detect(pictures)
+
+    def _detect(self, pictures: list[Image.Image]) -> list[list[Box]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
 # -- registry ----------------------------------------------------------------------------------------
 DetectorFactory = Callable[..., Detector]
 _FACTORIES: dict[str, DetectorFactory] = {}
@@ -237,15 +276,6 @@ def create_detector(name: str = "yolo", weights: str | os.PathLike | None = None
         return _CACHE[key]
 
 
-def _check_thresholds(conf: float, iou: float, max_boxes: int) -> None:
-    if not 0.0 <= conf <= 1.0:
-        raise LensError(f"the score threshold (conf) must be between 0 and 1, got {conf}")
-    if not 0.0 < iou <= 1.0:
-        raise LensError(f"the NMS IoU threshold must be in (0, 1], got {iou}")
-    if max_boxes < 1:
-        raise LensError(f"max_boxes must be at least 1, got {max_boxes}")
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
@@ -268,59 +298,36 @@ def _default_device() -> str:
 YOLO_DEFAULT_WEIGHTS = "yolo11n.pt"
 
 
-class YoloDetector:
-    """An ultralytics YOLO detection model (``.pt``, ``.onnx`` or ``.tflite``)."""
+class YoloDetector(BaseDetector):
+    """An ultralytics YOLO detection model (``.pt``, ``.onnx`` or ``.tflite``); ``imgsz`` defaults to 640."""
 
     name = "yolo"
 
-    def __init__(
-        self,
-        weights: str | None = None,
-        *,
-        conf: float = DEFAULT_CONF,
-        iou: float = DEFAULT_IOU,
-        max_boxes: int = DEFAULT_MAX_BOXES,
-        imgsz: int = 640,
-        device: str | None = None,
-    ):
-        _check_thresholds(conf, iou, max_boxes)
+    def __init__(self, weights: str | None = None, **options: Any):
+        super().__init__(**options)
+        self.imgsz = self.imgsz or 640
         self.weights = _resolve_yolo_weights(weights or YOLO_DEFAULT_WEIGHTS)
-        self.conf, self.iou, self.max_boxes, self.imgsz = conf, iou, max_boxes, imgsz
-        self.device = device  # None: ultralytics picks (the first GPU if there is one)
-        self._lock = threading.Lock()
         try:
             from ultralytics import YOLO
 
             self.model = YOLO(self.weights, task="detect")
             # Run once now so that a backend problem (missing runtime, bad file) shows at load time.
-            self._predict([Image.new("RGB", (64, 48))])
-        except Exception as exc:  # ultralytics raises many kinds: OSError, RuntimeError, ModuleNotFoundError...
+            self._detect([Image.new("RGB", (64, 48))])
+        except Exception as exc:  # ultralytics raises OSError, RuntimeError, ModuleNotFoundError, ...
             raise ModelLoadError(
                 f"cannot load YOLO weights '{self.weights}': {_first_line(exc)}"
                 + (" (.onnx weights need the package onnxruntime)" if self.weights.endswith(".onnx") else "")
             ) from exc
+
+    def _detect(self, pictures: list[Image.Image]) -> list[list[Box]]:
+        # device None: ultralytics picks (the first GPU if there is one)
+        results = self.model.predict(pictures, imgsz=self.imgsz, conf=self.conf, iou=self.iou,
+                                     max_det=self.max_boxes, device=self.device, verbose=False)
         names = self.model.names
-        self.labels = [str(names[i]) for i in range(len(names))] if isinstance(names, dict) else list(names)
-
-    def _predict(self, images: list[Image.Image]) -> list[Any]:
-        with self._lock:  # an ultralytics predictor is not safe to share between threads
-            return self.model.predict(
-                images, imgsz=self.imgsz, conf=self.conf, iou=self.iou, max_det=self.max_boxes,
-                device=self.device, verbose=False,
-            )
-
-    def detect(self, image: ImageSource) -> list[Box]:
-        return self.detect_many([image])[0]
-
-    def detect_many(self, images: Sequence[ImageSource]) -> list[list[Box]]:
-        pictures = [load_image(image) for image in images]
-        if not pictures:
-            return []
-        results = self._predict(pictures)
         out = []
         for picture, result in zip(pictures, results):
             found = result.boxes
-            labels = [self.labels[int(c)] for c in found.cls.tolist()]
+            labels = [str(names[int(c)]) for c in found.cls.tolist()]
             out.append(boxes_from_arrays(found.xyxy.cpu().numpy(), found.conf.cpu().numpy(), labels,
                                          picture.size, self.max_boxes))
         return out
@@ -367,35 +374,31 @@ RETINANET_PRETRAINED = ("COCO_V1", "DEFAULT")
 _RETINANET_ANCHORS = 9  # anchors per location of torchvision's RetinaNet head (3 scales x 3 ratios)
 
 
-class RetinaNetDetector:
-    """torchvision's ``retinanet_resnet50_fpn_v2`` (COCO weights, a local state dict, or random)."""
+class RetinaNetDetector(BaseDetector):
+    """torchvision's ``retinanet_resnet50_fpn_v2`` (COCO weights, a local state dict, or random).
+
+    ``imgsz`` None keeps torchvision's resizing (shorter side 800, longer at most 1333).
+    """
 
     name = "retinanet"
 
-    def __init__(
-        self,
-        weights: str | None = None,
-        *,
-        conf: float = DEFAULT_CONF,
-        iou: float = DEFAULT_IOU,
-        max_boxes: int = DEFAULT_MAX_BOXES,
-        imgsz: int | None = None,
-        device: str | None = None,
-    ):
+    def __init__(self, weights: str | None = None, **options: Any):
         import torch
         from torchvision.models.detection import RetinaNet_ResNet50_FPN_V2_Weights, retinanet_resnet50_fpn_v2
 
-        _check_thresholds(conf, iou, max_boxes)
-        options: dict[str, Any] = {"score_thresh": conf, "nms_thresh": iou, "detections_per_img": max_boxes}
-        if imgsz:
-            options.update(min_size=imgsz, max_size=imgsz)  # the longer side becomes imgsz
+        super().__init__(**options)
+        settings: dict[str, Any] = {
+            "score_thresh": self.conf, "nms_thresh": self.iou, "detections_per_img": self.max_boxes,
+        }
+        if self.imgsz:
+            settings.update(min_size=self.imgsz, max_size=self.imgsz)  # the longer side becomes imgsz
         coco = RetinaNet_ResNet50_FPN_V2_Weights.COCO_V1
         self.weights = weights or "COCO_V1"
         self.labels: list[str] = list(coco.meta["categories"])
-        self.max_boxes = max_boxes
         if self.weights in RETINANET_PRETRAINED:
             try:
-                model = retinanet_resnet50_fpn_v2(weights=RetinaNet_ResNet50_FPN_V2_Weights[self.weights], **options)
+                pretrained = RetinaNet_ResNet50_FPN_V2_Weights[self.weights]
+                model = retinanet_resnet50_fpn_v2(weights=pretrained, **settings)
             except Exception as exc:  # URLError offline, a damaged download, ...
                 raise ModelLoadError(
                     f"cannot load RetinaNet {self.weights} weights ({_first_line(exc)}). torchvision "
@@ -403,35 +406,30 @@ class RetinaNetDetector:
                     f"{_weights_cache()}; or pass a local state dict file as the weights"
                 ) from exc
         elif self.weights == "random":
-            model = retinanet_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=91, **options)
+            model = retinanet_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=91, **settings)
         else:
             state = _load_state_dict(self.weights)
             classes = _retinanet_classes(state, self.weights)
             if classes != len(self.labels):
                 self.labels = [f"class {i}" for i in range(classes)]
-            model = retinanet_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=classes, **options)
+            model = retinanet_resnet50_fpn_v2(
+                weights=None, weights_backbone=None, num_classes=classes, **settings
+            )
             try:
                 model.load_state_dict(state)
             except RuntimeError as exc:
                 raise ModelLoadError(
                     f"'{self.weights}' is not a retinanet_resnet50_fpn_v2 state dict: {_first_line(exc)}"
                 ) from exc
-        self.device = torch.device(device or _default_device())
-        self.model = model.eval().to(self.device)
-        self._lock = threading.Lock()
+        self.torch_device = torch.device(self.device or _default_device())
+        self.model = model.eval().to(self.torch_device)
 
-    def detect(self, image: ImageSource) -> list[Box]:
-        return self.detect_many([image])[0]
-
-    def detect_many(self, images: Sequence[ImageSource]) -> list[list[Box]]:
+    def _detect(self, pictures: list[Image.Image]) -> list[list[Box]]:
         import torch
         from torchvision.transforms.functional import pil_to_tensor
 
-        pictures = [load_image(image) for image in images]
-        if not pictures:
-            return []
-        tensors = [pil_to_tensor(p).to(self.device, torch.float32).div_(255) for p in pictures]
-        with self._lock, torch.inference_mode():
+        tensors = [pil_to_tensor(p).to(self.torch_device, torch.float32).div_(255) for p in pictures]
+        with torch.inference_mode():
             outputs = self.model(tensors)  # boxes come back in each input image's own pixels
         out = []
         for picture, output in zip(pictures, outputs):

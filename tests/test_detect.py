@@ -63,6 +63,17 @@ def noise(width: int, height: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
+def assert_in_original_frame(boxes: list[Box], width: int, height: int, network_side: int) -> None:
+    """Boxes lie inside the picture and reach well past the network's input side along its long axis.
+
+    Boxes left in the network's frame (letterboxed or resized to ``network_side``) could not.
+    """
+    corners = np.array([b.xyxy for b in boxes])
+    assert corners.min() >= 0 and corners[:, [0, 2]].max() <= width and corners[:, [1, 3]].max() <= height
+    far = corners[:, 2].max() if width > height else corners[:, 3].max()
+    assert far > 1.5 * network_side, (far, network_side)
+
+
 def skimage_photo(name: str) -> Image.Image:
     from skimage import data
 
@@ -150,11 +161,8 @@ def test_yolo_from_a_weights_file_returns_boxes_in_original_pixels(random_yolo):
     for width, height in [(1600, 400), (400, 1600)]:
         boxes = detector.detect(noise(width, height))
         assert boxes, "random YOLO weights give low-score boxes at conf=1e-5"
-        corners = np.array([b.xyxy for b in boxes])
-        assert corners.min() >= 0 and corners[:, [0, 2]].max() <= width and corners[:, [1, 3]].max() <= height
-        # letterboxed to 640 px, the boxes must come back scaled to the original picture: they reach its
-        # far side, 1600 px away, which the 640-px letterbox frame cannot
-        assert corners[:, 2].max() > 1000 if width > height else corners[:, 3].max() > 1000
+        # letterboxed to 640 px, the boxes must come back scaled to the 1600-px picture
+        assert_in_original_frame(boxes, width, height, network_side=640)
         assert [b.score for b in boxes] == sorted((b.score for b in boxes), reverse=True)
         assert {b.label for b in boxes} <= {str(i) for i in range(80)}  # the yaml's class names
 
@@ -210,10 +218,8 @@ def test_retinanet_random_returns_coco_labelled_boxes_in_original_pixels(random_
     for width, height in [(900, 300), (300, 900)]:
         boxes = random_retinanet.detect(noise(width, height))
         assert boxes, "random RetinaNet heads score every anchor about 0.01, above conf=0.005"
-        corners = np.array([b.xyxy for b in boxes])
-        assert corners.min() >= 0 and corners[:, [0, 2]].max() <= width and corners[:, [1, 3]].max() <= height
         # resized to 320 px on the longer side, boxes must be mapped back to the 900-px picture
-        assert corners[:, 2].max() > 600 if width > height else corners[:, 3].max() > 600
+        assert_in_original_frame(boxes, width, height, network_side=320)
         labels = {b.label for b in boxes}
         assert labels and not labels & {"__background__", "N/A"}
         from torchvision.models.detection import RetinaNet_ResNet50_FPN_V2_Weights
