@@ -176,7 +176,7 @@ def build_app(service: LensService) -> gr.Blocks:
     # -- layout ------------------------------------------------------------------------------------
     with gr.Blocks(title="lens: find similar images") as demo:
         gr.Markdown(
-            f"# 🔎 lens\nUpload a photo, **click the object** you are interested in (or keep the whole "
+            f"# lens\nUpload a photo, **click the object** you are interested in (or keep the whole "
             f"image), and find the most similar pictures in the gallery **{gallery.name}**."
         )
         original = gr.State(None)

@@ -126,7 +126,7 @@ class LensService:
         return [s.name for s in self.states() if s.status == "ready"]
 
     def status_markdown(self) -> str:
-        icons = {"ready": "✅", "queued": "⏳", "building": "🔨", "failed": "⚠️", "missing": "➖"}
+        icons = {"ready": "●", "queued": "○", "building": "◐", "failed": "✕", "missing": "–"}
         lines = [f"- {icons[s.status]} **{s.name}**: {s.status}" + (f" ({s.detail})" if s.detail else "")
                  for s in self.states()]
         return "\n".join(lines)
