@@ -40,4 +40,13 @@ if [[ "$opencv" != "1" ]]; then
   .venv/bin/python -m pip list 2>/dev/null | grep -i '^opencv' >&2 || true
   exit 1
 fi
+# The browser end-to-end test drives Debian's chromium (never a browser downloaded by a test tool).
+if ((dev)) && ! command -v chromium >/dev/null 2>&1; then
+  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing chromium (apt) for the browser test"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "setup: no chromium: the browser test will be skipped (apt-get install chromium to run it)"
+  fi
+fi
 echo "setup: ready (.venv -> $env)"

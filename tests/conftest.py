@@ -19,8 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
-def shared_path(*parts: str) -> Path:
-    """A path inside ../shared, or skip the test with the reason when it is not there."""
+def shared_path(*parts: str | Path) -> Path:
+    """A path inside ../shared (or an absolute path), or skip the test with the reason when it is absent."""
     path = SHARED.joinpath(*parts)
     if not path.exists():
         pytest.skip(f"needs {path} (../shared data/weights are not present on this machine)")

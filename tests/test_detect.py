@@ -28,8 +28,8 @@ from lens.detect import (  # noqa: E402
 from lens.errors import LensError, ModelLoadError  # noqa: E402
 from lens.images import ImageError  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+from conftest import REPO, SHARED, shared_path  # noqa: E402
+
 TFLITE = SHARED / "weights" / "yolov8n_int8.tflite"
 COCO_MINI = SHARED / "data" / "coco-mini"
 
@@ -43,12 +43,6 @@ NO_NETWORK = textwrap.dedent("""
     from lens.cli import main
     raise SystemExit(main(sys.argv[1:]))
 """)
-
-
-def shared_path(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"needs {path} (../shared data/weights are not present on this machine)")
-    return path
 
 
 def lens_offline(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -272,18 +266,12 @@ def test_bad_retinanet_weights_are_clear_errors(tmp_path, monkeypatch):
 
 # -- search --detect through the CLI -----------------------------------------------------------------
 @pytest.fixture(scope="module")
-def indexed_gallery(tmp_path_factory) -> tuple[Path, Path]:
+def indexed_gallery(tmp_path_factory, tiny_resnet) -> tuple[Path, Path]:
     """A small gallery indexed with a tiny random ResNet (a stand-in for a real backbone)."""
-    import torch
-    from transformers import ConvNextImageProcessor, ResNetConfig, ResNetModel
-
     from lens.gallery import Gallery
 
     root = tmp_path_factory.mktemp("search")
-    model = root / "tiny-resnet"
-    torch.manual_seed(0)
-    ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])).save_pretrained(model)
-    ConvNextImageProcessor(size={"shortest_edge": 64}, crop_pct=0.875).save_pretrained(model)
+    model = tiny_resnet
     (root / "photos").mkdir()
     for i in range(6):
         noise(120, 90, seed=10 + i).save(root / "photos" / f"p{i}.png")
