@@ -21,7 +21,7 @@ from pathlib import Path
 from PIL import Image
 
 from lens.detect import Box, box_at, create_detector, crop_box, main_subject
-from lens.errors import IndexNotFoundError, LensError
+from lens.errors import IndexMismatchError, IndexNotFoundError, LensError
 from lens.gallery import Gallery, SearchResult
 from lens.images import load_image
 
@@ -97,7 +97,9 @@ class LensService:
         for method in self.methods:  # existing indexes first, so they serve while others build
             try:
                 self._set(method, "ready", f"{len(self.gallery.open(method).items)} images")
-            except IndexNotFoundError:
+            except (IndexNotFoundError, IndexMismatchError) as exc:
+                if isinstance(exc, IndexMismatchError):
+                    log.warning("%s", exc)
                 missing.append(method)
                 if build_missing:
                     self._set(method, "queued", "no index yet: waiting to be built")
