@@ -17,12 +17,14 @@ from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from pi_heif import register_heif_opener
 
+register_heif_opener()  # HEIC/HEIF, as phones save photos
 from lens.errors import LensError
 
 #: File extensions lens treats as images when it scans a folder.
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm"}
+    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm", ".heic", ".heif"}
 )
 #: Largest picture decoded (width x height); bigger ones are refused as likely decompression bombs.
 MAX_PIXELS = 80_000_000
@@ -103,6 +105,8 @@ def _open(source: Union[str, os.PathLike, bytes], name: str, max_bytes: int) -> 
         raise ImageError(f"{name} is refused as a possible decompression bomb: {exc}") from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise _decode_error(name, exc) from exc
+    except Exception as exc:  # e.g. a plugin's own error: still a clear message, never a traceback
+        raise ImageError(f"cannot open {name}: {type(exc).__name__}: {exc}") from exc
 
 
 def _decode_error(name: str, exc: BaseException) -> ImageError:

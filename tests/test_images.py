@@ -122,3 +122,12 @@ def test_shared_odd_formats_decode():
     assert {".ppm", ".pgm", ".tiff", ".gif"} <= set(decoded)
     alpha = load_image(folder.parent / "alpha_channel_image.png")
     assert alpha.mode == "RGB"
+
+
+def test_unreadable_bytes_stay_a_clear_error_after_ultralytics_patches_pil():
+    """ultralytics replaces PIL.Image.open process-wide (to add HEIF on demand); lens must still
+    answer a bad upload with an ImageError, e.g. in the app, which imports ultralytics."""
+    import ultralytics  # noqa: F401
+
+    with pytest.raises(ImageError, match="not an image lens can read"):
+        load_image(b"this is a text file, not a picture")

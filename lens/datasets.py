@@ -1,0 +1,126 @@
+"""Labelled retrieval datasets, in the two layouts ``lens eval`` reads.
+
+1. A folder of class sub-folders, optionally split into ``train/`` and ``test/`` (or ``train/``,
+   ``validation/``, ``test/``): queries are the test images (every image, leave-one-out, when there are
+   no splits), the gallery is ``train/`` (or the whole folder), and relevant means the same class.
+2. A folder with ``images/`` and ``groundtruth.json`` = ``{"gallery": [relpath, ...] (optional),
+   "queries": {relpath: [relevant relpath, ...]}}``, paths relative to ``images/``; without "gallery",
+   the gallery is every image. A query never counts itself: it is removed from its own ranking.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lens.errors import LensError
+from lens.images import iter_image_files
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class Dataset:
+    name: str
+    gallery_root: Path  #: the folder indexed as the gallery
+    gallery: list[str]  #: gallery image ids (paths relative to gallery_root)
+    queries: list[Path]  #: query image files
+    relevant: dict[Path, set[str]]  #: query -> relevant gallery ids
+    exclude: dict[Path, str] = field(default_factory=dict)  #: query -> its own gallery id, left out
+    kind: str = ""  #: "class folders (train/test)", "class folders (leave-one-out)", "groundtruth.json"
+    train_root: Path | None = None  #: what trainable methods may learn from
+    labels: dict[str, str] = field(default_factory=dict)  #: gallery id -> class, when classes exist
+
+    def describe(self) -> str:
+        return (f"{self.name}: {self.kind}; gallery {len(self.gallery)} images in {self.gallery_root}, "
+                f"{len(self.queries)} queries")
+
+
+def _classes(root: Path) -> dict[str, str]:
+    """relpath -> class (its first folder) for every image below ``root`` inside a class folder."""
+    labels = {}
+    for path in iter_image_files(root):
+        rel = path.relative_to(root)
+        if len(rel.parts) >= 2:
+            labels[rel.as_posix()] = rel.parts[0]
+    return labels
+
+
+def load_dataset(folder: str | Path, *, max_queries: int | None = None, seed: int = 0) -> Dataset:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LensError(f"dataset folder '{folder}' does not exist")
+    if (folder / "groundtruth.json").is_file():
+        dataset = _groundtruth_dataset(folder)
+    elif (folder / "train").is_dir() and ((folder / "test").is_dir() or (folder / "validation").is_dir()):
+        dataset = _split_dataset(folder)
+    else:
+        dataset = _leave_one_out_dataset(folder)
+    if not dataset.queries:
+        raise LensError(f"no queries found in '{folder}'")
+    if max_queries and len(dataset.queries) > max_queries:
+        kept = sorted(random.Random(seed).sample(dataset.queries, max_queries))
+        dataset.queries = kept
+        dataset.relevant = {q: dataset.relevant[q] for q in kept}
+        dataset.exclude = {q: dataset.exclude[q] for q in kept if q in dataset.exclude}
+    return dataset
+
+
+def _groundtruth_dataset(folder: Path) -> Dataset:
+    images = folder / "images"
+    try:
+        truth = json.loads((folder / "groundtruth.json").read_text())
+        queries = truth["queries"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise LensError(f"cannot read {folder / 'groundtruth.json'}: {exc}") from exc
+    everything = [p.relative_to(images).as_posix() for p in iter_image_files(images)]
+    gallery = list(truth.get("gallery") or everything)
+    missing = sorted(set(gallery) - set(everything))
+    if missing:
+        raise LensError(f"{len(missing)} gallery images of groundtruth.json are not in {images}, e.g. {missing[0]}")
+    in_gallery = set(gallery)
+    paths = [images / q for q in queries]
+    return Dataset(
+        name=folder.name, gallery_root=images, gallery=gallery, queries=paths,
+        relevant={images / q: set(rel) & in_gallery - {q} for q, rel in queries.items()},
+        exclude={images / q: q for q in queries if q in in_gallery},
+        kind="groundtruth.json", train_root=images,
+    )
+
+
+def _split_dataset(folder: Path) -> Dataset:
+    train = folder / "train"
+    query_root = folder / "test" if (folder / "test").is_dir() else folder / "validation"
+    labels = _classes(train)
+    by_class: dict[str, set[str]] = {}
+    for rel, label in labels.items():
+        by_class.setdefault(label, set()).add(rel)
+    query_labels = _classes(query_root)
+    queries = [query_root / rel for rel in sorted(query_labels)]
+    return Dataset(
+        name=folder.name, gallery_root=train, gallery=sorted(labels), queries=queries,
+        relevant={query_root / rel: by_class.get(label, set()) for rel, label in query_labels.items()},
+        kind=f"class folders (queries: {query_root.name}/, gallery: train/)", train_root=train,
+        labels=labels,
+    )
+
+
+def _leave_one_out_dataset(folder: Path) -> Dataset:
+    labels = _classes(folder)
+    if not labels:
+        raise LensError(
+            f"'{folder}' is not a dataset: expected class sub-folders (optionally train/ and test/), "
+            "or images/ with groundtruth.json"
+        )
+    by_class: dict[str, set[str]] = {}
+    for rel, label in labels.items():
+        by_class.setdefault(label, set()).add(rel)
+    queries = [folder / rel for rel in sorted(labels)]
+    return Dataset(
+        name=folder.name, gallery_root=folder, gallery=sorted(labels), queries=queries,
+        relevant={folder / rel: by_class[labels[rel]] - {rel} for rel in labels},
+        exclude={folder / rel: rel for rel in labels},
+        kind="class folders (leave-one-out)", train_root=folder, labels=labels,
+    )
