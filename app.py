@@ -122,7 +122,8 @@ def build_app(service: LensService) -> gr.Blocks:
         if not method:
             return view, crop, [], "No method is ready yet: see the status below."
         outcome = service.search(image, method, int(k), box)
-        note = (f"**{method}**: {len(outcome.results)} results in {outcome.seconds * 1000:.0f} ms "
+        what = box.label if box is not None else "the whole image"
+        note = (f"**{method}**: {len(outcome.results)} results for *{what}* in {outcome.seconds * 1000:.0f} ms "
                 f"(score: similarity, 1 = identical)")
         return view, crop, caption(outcome), note
 

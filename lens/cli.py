@@ -233,7 +233,79 @@ def _run_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = [_index_parser, _search_parser, _detect_parser, _methods_parser]
+# -- lens eval -------------------------------------------------------------------------------------
+def _eval_parser(sub: argparse._SubParsersAction) -> Handler:
+    parser = sub.add_parser("eval", help="compare methods on a labelled dataset: mAP, recall, speed, size")
+    parser.add_argument("dataset", metavar="DATASET",
+                        help="class sub-folders (optionally train/ and test/), or images/ + groundtruth.json")
+    parser.add_argument("--methods", default="all",
+                        help="comma-separated methods, or 'all' (every registered method; those that "
+                             "cannot load here are reported as failed)")
+    parser.add_argument("--index", dest="index_spec", metavar="SPEC", help="index backend spec for every method")
+    parser.add_argument("--top", type=int, help="score only the top N results (default: the full ranking)")
+    parser.add_argument("--detect", action="store_true",
+                        help="the full Lens pipeline: crop each query to its detected main subject first")
+    _add_detector_options(parser, weights_flag="--detector-weights")
+    parser.add_argument("--max-queries", type=int, help="evaluate a seeded random sample of the queries")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--out", metavar="DIR", help="where the report goes (default: eval/<dataset name>)")
+    parser.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
+                        help="weights for a method (repeatable)")
+    return _run_eval
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    import shlex
+    from pathlib import Path
+
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from lens.datasets import load_dataset
+    from lens.evaluate import MethodResult, environment, evaluate_method, load_queries
+    from lens.gallery import Gallery
+    from lens.methods import list_methods
+    from lens.report import text_table, write_report
+
+    dataset = load_dataset(args.dataset, max_queries=args.max_queries, seed=args.seed)
+    methods = ([m for m in list_methods() if ":" not in m] if args.methods == "all"
+               else [m.strip() for m in args.methods.split(",") if m.strip()])
+    out = Path(args.out) if args.out else Path("eval") / dataset.name
+    print(dataset.describe())
+    crop = None
+    if args.detect:
+        from lens.detect import crop_box, main_subject
+
+        detector = _detector(args)
+
+        def crop(picture):
+            subject = main_subject(detector.detect(picture), picture.size)
+            return crop_box(picture, subject) if subject else picture
+
+    pictures = load_queries(dataset, crop)
+    gallery = Gallery(dataset.gallery_root, out / "indexes", models=_parse_models(args.model))
+    results = []
+    with logging_redirect_tqdm():
+        for method in methods:
+            try:
+                results.append(evaluate_method(gallery, dataset, method, pictures, top=args.top,
+                                               index_spec=args.index_spec, batch_size=args.batch_size))
+            except LensError as exc:
+                logging.getLogger("lens").warning("%s: %s", method, exc)
+                results.append(MethodResult(method, float("nan"), {}, 0, 0, float("nan"), float("nan"),
+                                            float("nan"), 0.0, 0, 0, "", None, "", "", "", "", error=str(exc)))
+    print(text_table(results))
+    config = {"methods": methods, "top": args.top, "index": args.index_spec, "detect": args.detect,
+              "detector": args.detector if args.detect else None, "max_queries": args.max_queries,
+              "seed": args.seed, "batch_size": args.batch_size, "models": _parse_models(args.model)}
+    command = "lens " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    report = write_report(results, dataset, out, config, environment(), command)
+    print(f"report: {report}")
+    return 0
+
+
+
+COMMANDS = [_index_parser, _search_parser, _detect_parser, _methods_parser, _eval_parser]
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:

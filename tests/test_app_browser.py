@@ -104,22 +104,24 @@ def test_click_a_box_switch_method_and_see_results(app_url):
         view = "#lens-view img"
         expect(page.locator(view)).to_be_visible(timeout=60_000)
         expect(page.locator("#lens-results img").first).to_be_visible(timeout=60_000)
-        checked = page.locator("#lens-subject input:checked")
+        checked, info = page.locator("#lens-subject input:checked"), page.locator("#lens-info")
         expect(checked).to_have_value(re.compile(r"^\d+ · cup"), timeout=30_000)  # the main subject
+        expect(info).to_contain_text("results for cup", timeout=60_000)
 
         # the spoon lies inside the cup's box too: a click on it picks the smallest box, the spoon
         page.mouse.click(*_image_point(page, view, (spoon[0] + spoon[2]) / 2, (spoon[1] + spoon[3]) / 2, size))
         expect(checked).to_have_value(re.compile(r"^\d+ · spoon"), timeout=30_000)
+        expect(info).to_contain_text("results for spoon", timeout=60_000)  # its search is done
         # a click in the table's corner, outside cup and spoon, picks the table
         page.mouse.click(*_image_point(page, view, table[0] + 8, table[3] - 8, size))
         expect(checked).to_have_value(re.compile(r"^\d+ · dining table"), timeout=30_000)
-        expect(page.locator("#lens-info")).to_contain_text(f"hf:{effnet}", timeout=30_000)
+        expect(info).to_contain_text(f"hf:{effnet}: 8 results for dining table", timeout=60_000)
         expect(page.locator("#lens-results img")).to_have_count(8, timeout=30_000)
 
         # switch the method: the results come back from the other index
         page.locator("#lens-method input").click()
         page.get_by_role("option", name="vit", exact=True).click()
-        expect(page.locator("#lens-info")).to_contain_text("vit: 8 results", timeout=30_000)
+        expect(info).to_contain_text("vit: 8 results for dining table", timeout=60_000)
         expect(page.locator("#lens-results img")).to_have_count(8, timeout=30_000)
 
         ARTIFACTS.mkdir(exist_ok=True)
