@@ -1,4 +1,4 @@
-"""The ``lens`` command line: ``lens index``, ``lens search``, ``lens detect``, ``lens methods``.
+"""The ``lens`` command line: ``lens index``, ``search``, ``detect``, ``methods``, ``train``, ``eval``.
 
 Every command is a thin shell over the library (:class:`lens.Gallery`); errors a user can fix are
 printed as one line (``lens: error: ...``) with exit status 1, never as a traceback.
@@ -304,8 +304,95 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- lens train -----------------------------------------------------------------------------------
+_TRAIN_KINDS = {
+    "autoencoder": "convolutional autoencoder on the gallery's pictures; embeds with its latent",
+    "siamese": "Siamese network (pretrained backbone + projection head) with contrastive loss",
+    "finetune": "fine-tune the top of a pretrained backbone (classification head with labels, "
+                "else contrastive)",
+}
 
-COMMANDS = [_index_parser, _search_parser, _detect_parser, _methods_parser, _eval_parser]
+
+def _train_parser(sub: argparse._SubParsersAction) -> Handler:
+    parser = sub.add_parser("train", help="train a method on a gallery (autoencoder, siamese, finetune)")
+    kinds = parser.add_subparsers(dest="kind", required=True, metavar="KIND")
+    for kind, text in _TRAIN_KINDS.items():
+        p = kinds.add_parser(kind, help=text, description=f"Train the '{kind}' method: {text}.")
+        p.add_argument("gallery", metavar="FOLDER", help="folder of training images (class sub-folders = labels)")
+        p.add_argument("--out", metavar="DIR",
+                       help=f"model folder (default: models/<gallery folder name>/{kind}, where "
+                            f"`lens index/search --methods {kind}` look for it)")
+        if kind == "autoencoder":
+            p.add_argument("--image-size", type=int, default=128, help="input side in pixels (default: 128)")
+            p.add_argument("--dim", type=int, default=256, help="latent size (default: 256)")
+        else:
+            p.add_argument("--backbone", required=kind == "finetune", default="resnet50", metavar="SPEC",
+                           help="pretrained deep method: resnet50, vit, vit-in21k or hf:<id or path>"
+                                + (" (default: resnet50)" if kind == "siamese" else ""))
+            p.add_argument("--unfreeze", type=int, default=0 if kind == "siamese" else 1, metavar="N",
+                           help="train the backbone's top N blocks too (default: %(default)s"
+                                + ("; 0 = frozen, features cached)" if kind == "siamese" else ")"))
+            p.add_argument("--labels", default="auto", metavar="auto|folders|none|CSV",
+                           help="where positive pairs come from: class sub-folders, a CSV of path,label, "
+                                "or none (two views of each image); default: auto")
+            p.add_argument("--dim", type=int, default=256, help="projection size (default: 256)")
+            p.add_argument("--views", type=int, default=2,
+                           help="cached views per image when frozen: the picture + N-1 augmented (default: 2)")
+            p.add_argument("--margin", type=float, default=0.5,
+                           help="contrastive margin: other-class pairs are pushed this far apart (default: 0.5)")
+        p.add_argument("--epochs", type=int, help="most epochs (early stopping may end sooner)")
+        p.add_argument("--batch-size", type=int)
+        p.add_argument("--lr", type=float, help="learning rate (AdamW)")
+        p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+        p.add_argument("--val-split", type=float, help="share of images held out for validation (default: 0.1)")
+        p.add_argument("--patience", type=int, help="epochs without a better validation loss before stopping")
+        p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+        p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+        p.add_argument("--workers", type=int, default=2, help="image decoding threads")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return _run_train
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+    from pathlib import Path
+
+    from lens.gallery import Gallery
+    from lens.methods import autoencoder, siamese
+
+    kind = args.kind
+    out = Path(args.out) if args.out else Gallery(args.gallery).models_dir / kind
+    common = {"resume": args.resume, "progress": not args.quiet, "workers": args.workers}
+    if kind == "autoencoder":
+        trainer, defaults = autoencoder.train, autoencoder.DEFAULTS
+        options = {"image_size": args.image_size, "latent_dim": args.dim}
+    else:
+        trainer = siamese.train if kind == "siamese" else siamese.finetune
+        defaults = siamese.SIAMESE_DEFAULTS if kind == "siamese" else siamese.FINETUNE_DEFAULTS
+        options = {"backbone": args.backbone, "unfreeze": args.unfreeze, "labels": args.labels,
+                   "dim": args.dim, "views": args.views, "margin": args.margin}
+    overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+                 "val_split": args.val_split, "patience": args.patience, "device": args.device}
+    settings = replace(defaults, **{k: v for k, v in overrides.items() if v is not None})
+    try:
+        report = trainer(args.gallery, out, settings, **options, **common)
+    except KeyboardInterrupt:
+        print(f"lens: interrupted; finished epochs are kept in {out}: continue with the same command "
+              "and --resume", file=sys.stderr)
+        return 130
+    fit, data = report.fit, report.manifest["data"]
+    best = f"best: epoch {fit.best_epoch}, {'val' if data['val_images'] else 'train'} loss {fit.best_loss:.4f}"
+    print(f"{kind}: {len(fit.history)} epochs ({best}{'; stopped early' if fit.stopped_early else ''}) "
+          f"in {report.seconds:.0f} s on {report.manifest['device']} -> {out}")
+    labels = f"labels from {data['labels']} ({len(data['classes'])} classes)" if data["classes"] else "no labels"
+    print(f"  {data['train_images']} training + {data['val_images']} validation images, {labels}; "
+          f"weights {report.weights}")
+    hint = "" if args.out is None else f" --model {kind}={out}"
+    print(f"  use it: lens index {args.gallery} --methods {kind}{hint}")
+    return 0
+
+
+COMMANDS = [_index_parser, _search_parser, _detect_parser, _methods_parser, _train_parser, _eval_parser]
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:

@@ -4,6 +4,9 @@
     >>> gallery = Gallery("photos/")                      # indexes in ./indexes/photos/
     >>> gallery.index(["resnet50", "vit"])                 # embeds only new or changed files
     >>> gallery.search("query.jpg", method="vit", k=10, box=(10, 20, 200, 240))
+
+Trained methods (``autoencoder``, ``siamese``, ``finetune``) use the model ``lens train`` wrote for this
+gallery, ``models/<gallery folder name>/<method>/``, unless ``models=`` or ``models_dir=`` says otherwise.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ from lens.embedding import embed_files
 from lens.errors import CorruptIndexError, IndexNotFoundError, LensError
 from lens.images import ImageSource, crop, iter_image_files, load_image
 from lens.index import DEFAULT_INDEX, create_index
-from lens.methods import Method, create_method, method_slug
-from lens.store import Item, StoredIndex, live_build, open_build, publish, read_manifest
+from lens.methods import Method, create_method, is_trained, method_slug
+from lens.store import Item, StoredIndex, check_compatible, live_build, open_build, publish, read_manifest
 
 log = logging.getLogger("lens")
 
@@ -69,6 +72,7 @@ class Gallery:
         index_dir: str | Path | None = None,
         *,
         models: Mapping[str, str] | None = None,
+        models_dir: str | Path | None = None,
     ):
         self.root = Path(root)
         if not self.root.is_dir():
@@ -76,13 +80,22 @@ class Gallery:
         self.name = self.root.resolve().name
         self.index_dir = Path(index_dir) if index_dir else Path("indexes") / self.name
         self.models = dict(models or {})  #: method name -> hub id or local path replacing its default
+        #: where ``lens train`` puts this gallery's trained models, one folder per method
+        self.models_dir = Path(models_dir) if models_dir else Path("models") / self.name
         self._opened: dict[str, StoredIndex] = {}
         self._lock = threading.Lock()
 
     # -- methods and their folders ---------------------------------------------------------------
     def method(self, spec: str) -> Method:
         """The loaded method ``spec``, with this gallery's model override if any (cached per process)."""
-        return create_method(spec, model=self.models.get(spec))
+        return create_method(spec, model=self.model_for(spec))
+
+    def model_for(self, spec: str) -> str | None:
+        """The model ``spec`` uses here: the override, this gallery's trained model, or None (its default)."""
+        model = self.models.get(spec)
+        if model is None and is_trained(spec):
+            model = str(self.models_dir / method_slug(spec))
+        return model
 
     def method_dir(self, spec: str) -> Path:
         return self.index_dir / method_slug(spec)
@@ -221,11 +234,14 @@ class Gallery:
                 f"no index for method '{spec}' in {self.index_dir} (indexed: {available}); build it "
                 f"with `lens index {self.root} --methods {spec}`"
             )
+        info = self.method(spec).info
         with self._lock:
             stored = self._opened.get(spec)
             if stored is None or stored.folder != build:
-                stored = open_build(self.method_dir(spec), self.method(spec).info)
+                stored = open_build(self.method_dir(spec), info)
                 self._opened[spec] = stored
+            else:
+                check_compatible(stored.manifest, info, stored.folder)  # the model may have been retrained
             return stored
 
     def search(

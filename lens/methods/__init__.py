@@ -6,6 +6,11 @@ process and returns the cached instance afterwards.
 
 Adding a method: write ``lens/methods/<family>.py`` that decorates its factory with
 ``@register_method("name")`` and add the module's name to ``_FAMILIES`` below.
+
+Trained methods (``autoencoder``, ``siamese``, ``finetune``; ``register_method(..., trained=True)``)
+load a model folder written by ``lens train``; a :class:`lens.Gallery` gives them its own
+``models/<gallery name>/<method>`` folder unless told otherwise. A local model folder whose weights
+file changes (a retrained model) is loaded afresh by the next ``create_method``.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import os
 import re
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from lens.errors import LensError
@@ -26,6 +32,7 @@ __all__ = [
     "MethodInfo",
     "create_method",
     "fingerprint_arrays",
+    "is_trained",
     "l2_normalise",
     "list_methods",
     "method_slug",
@@ -33,25 +40,31 @@ __all__ = [
 ]
 
 #: Modules that register methods; importing one registers its methods.
-_FAMILIES = ["deep"]
+_FAMILIES = ["deep", "autoencoder", "siamese"]
 
 MethodFactory = Callable[..., Method]
 _NAMES: dict[str, MethodFactory] = {}
 _PREFIXES: dict[str, MethodFactory] = {}
-_CACHE: dict[tuple[str, str | None, tuple[tuple[str, Any], ...]], Method] = {}
+_TRAINED: set[str] = set()
+_CACHE: dict[tuple[str, str | None, tuple[tuple[str, Any], ...]], tuple[tuple[int, ...], Method]] = {}
 _LOADING: dict[tuple[str, str | None, tuple[tuple[str, Any], ...]], threading.Lock] = {}
 _LOCK = threading.Lock()
 _loaded = False
 
 
-def register_method(name: str, *, prefix: bool = False) -> Callable[[MethodFactory], MethodFactory]:
+def register_method(
+    name: str, *, prefix: bool = False, trained: bool = False
+) -> Callable[[MethodFactory], MethodFactory]:
     """Register ``factory(spec, model=None, **options) -> Method`` under ``name``.
 
-    With ``prefix=True`` the factory serves every spec ``name:<argument>``.
+    With ``prefix=True`` the factory serves every spec ``name:<argument>``. ``trained=True`` marks a
+    method whose model is trained per gallery by ``lens train`` (see :func:`is_trained`).
     """
 
     def decorator(factory: MethodFactory) -> MethodFactory:
         (_PREFIXES if prefix else _NAMES)[name] = factory
+        if trained and not prefix:
+            _TRAINED.add(name)
         return factory
 
     return decorator
@@ -63,6 +76,12 @@ def _load_families() -> None:
         for family in _FAMILIES:
             importlib.import_module(f"lens.methods.{family}")
         _loaded = True
+
+
+def is_trained(spec: str) -> bool:
+    """Whether ``spec`` names a trained method that takes its gallery's model folder by default."""
+    _load_families()
+    return spec.strip() in _TRAINED
 
 
 def list_methods() -> list[str]:
@@ -89,14 +108,29 @@ def create_method(spec: str, *, model: str | None = None, **options: Any) -> Met
     spec = spec.strip()
     factory = _factory(spec)
     key = (spec, model, tuple(sorted(options.items())))
-    if key in _CACHE:
-        return _CACHE[key]
-    with _LOCK:  # one lock per method, so loading one model never blocks using another
-        lock = _LOADING.setdefault(key, threading.Lock())
+    stamp = _weights_stamp(model or spec.partition(":")[2])
+    cached = _CACHE.get(key)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    with _LOCK:  # one lock per method: loading one model never blocks using another, and a
+        lock = _LOADING.setdefault(key, threading.Lock())  # factory may create the backbone it needs
     with lock:
-        if key not in _CACHE:
-            _CACHE[key] = factory(spec, model=model, **options)
-    return _CACHE[key]
+        cached = _CACHE.get(key)
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, factory(spec, model=model, **options))
+            _CACHE[key] = cached
+    return cached[1]
+
+
+def _weights_stamp(reference: str) -> tuple[int, ...]:
+    """Size and time of a local model folder's weights file: changes when the model is retrained."""
+    if not reference:
+        return ()
+    try:
+        stat = (Path(os.path.expanduser(reference)) / "model.safetensors").stat()
+    except (OSError, ValueError):
+        return ()
+    return (stat.st_size, stat.st_mtime_ns)
 
 
 def method_slug(spec: str) -> str:

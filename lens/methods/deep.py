@@ -95,13 +95,15 @@ class HFBackbone(BaseMethod):
         return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
 
     def embed_prepared(self, items: Sequence[Any]) -> np.ndarray:
-        batch = torch.stack(list(items)).to(self.device)
-        with self._lock, torch.inference_mode():
-            outputs = self.model(pixel_values=batch)
-            pooled = self._pool(outputs)
-        return l2_normalise(pooled.float().cpu().numpy())
+        return l2_normalise(self.features(torch.stack(list(items))).cpu().numpy())
 
-    def _pool(self, outputs: Any) -> torch.Tensor:
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Pooled features of a prepared batch before L2 normalisation (what trained heads start from)."""
+        with self._lock, torch.inference_mode():
+            return self.pool(self.model(pixel_values=pixel_values.to(self.device))).float()
+
+    def pool(self, outputs: Any) -> torch.Tensor:
+        """This backbone's pooling rule applied to a forward pass of ``self.model`` (or a fine-tuned copy)."""
         pooler = getattr(outputs, "pooler_output", None)
         if self.pooling == "pooler" or (self.pooling == "auto" and pooler is not None):
             if pooler is None:

@@ -1,0 +1,151 @@
+"""Convolutional autoencoder: trained on a gallery's own images, embeds with its encoder's latent.
+
+``lens train autoencoder GALLERY`` trains it to reconstruct the gallery's pictures, squashed to
+``image_size`` x ``image_size`` (default 128), through a ``latent_dim`` bottleneck (default 256):
+four stride-2 3x3 convolutions (16, 32, 64, 128 channels) and a linear layer encode; a linear layer
+and four stride-2 transposed convolutions decode; the loss is the mean squared error of the pixels.
+
+The ``autoencoder`` method embeds a picture with the encoder's latent, L2-normalised (cosine). It
+loads ``models/<gallery>/autoencoder`` for a gallery, or any model folder: ``--model
+autoencoder=PATH`` or the spec ``autoencoder:PATH``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from lens.errors import LensError, ModelLoadError
+from lens.methods import register_method
+from lens.methods.base import BaseMethod, MethodInfo, l2_normalise
+from lens.train import TrainReport, TrainSettings, load_all, load_trainable, train_and_save, training_data
+from lens.trained import fingerprint, load_model
+
+KIND = "autoencoder"
+DEFAULTS = TrainSettings(epochs=20, batch_size=32, lr=1e-3, patience=3)
+CHANNELS = (16, 32, 64, 128)
+
+
+class ConvAutoencoder(nn.Module):
+    def __init__(self, image_size: int = 128, latent_dim: int = 256, channels: Sequence[int] = CHANNELS):
+        super().__init__()
+        side = image_size // 2 ** len(channels)
+        if side < 1 or side * 2 ** len(channels) != image_size:
+            raise LensError(f"image size {image_size} must be a multiple of {2 ** len(channels)}")
+        widths = [3, *channels]
+        down: list[nn.Module] = []
+        for cin, cout in zip(widths, widths[1:]):
+            down += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.ReLU(inplace=True)]
+        self.encoder = nn.Sequential(*down, nn.Flatten(), nn.Linear(widths[-1] * side * side, latent_dim))
+        up: list[nn.Module] = [nn.Linear(latent_dim, widths[-1] * side * side), nn.ReLU(inplace=True),
+                               nn.Unflatten(1, (widths[-1], side, side))]
+        for cin, cout in zip(widths[:0:-1], widths[-2::-1]):
+            up += [nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1), nn.ReLU(inplace=True)]
+        up[-1] = nn.Sigmoid()  # pixels in [0, 1]
+        self.decoder = nn.Sequential(*up)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(pixels))
+
+
+def to_pixels(image: Image.Image, size: int) -> torch.Tensor:
+    """The network's input for a picture: squashed to size x size, uint8 (3, size, size)."""
+    array = np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR))
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def _network(config: dict[str, Any]) -> ConvAutoencoder:
+    return ConvAutoencoder(config["image_size"], config["latent_dim"], config["channels"])
+
+
+class AutoencoderMethod(BaseMethod):
+    """Embeds with the latent of a trained :class:`ConvAutoencoder`."""
+
+    def __init__(self, name: str, folder: str | Path, device: str | None = None):
+        tensors, config = load_model(folder, KIND)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.net = _network(config)
+        try:
+            load_trainable(self.net, tensors)
+        except LensError as exc:
+            raise ModelLoadError(f"the autoencoder in '{folder}' does not fit its config.json: {exc}") from exc
+        self.net.eval().to(self.device)
+        self.size = int(config["image_size"])
+        self._lock = threading.Lock()
+        self.info = MethodInfo(
+            name=name, metric="cosine", dim=int(config["latent_dim"]), model=str(folder),
+            weights=fingerprint(tensors, config),
+            extra={"architecture": "conv-autoencoder", "image_size": self.size},
+        )
+
+    def prepare(self, image: Image.Image) -> torch.Tensor:
+        return to_pixels(image, self.size)
+
+    def embed_prepared(self, items: Sequence[Any]) -> np.ndarray:
+        batch = torch.stack(list(items)).to(self.device).float() / 255
+        with self._lock, torch.inference_mode():
+            return l2_normalise(self.net.encoder(batch).float().cpu().numpy())
+
+
+@register_method(KIND, trained=True)
+@register_method(KIND, prefix=True)
+def _factory(spec: str, model: str | None = None, **options: Any) -> AutoencoderMethod:
+    folder = model or spec.partition(":")[2]
+    if not folder:
+        raise ModelLoadError(
+            f"method '{KIND}' needs a trained model: run `lens train {KIND} GALLERY` and search that "
+            f"gallery, or pass --model {KIND}=PATH"
+        )
+    return AutoencoderMethod(spec, folder, **options)
+
+
+class _Reconstruction:
+    """The objective: reconstruct the pictures (randomly mirrored while training)."""
+
+    def __init__(self, net: ConvAutoencoder, pixels: torch.Tensor, device: torch.device):
+        self.module, self.pixels, self.device = net, pixels, device
+
+    def loss(self, batch: np.ndarray, rng: np.random.Generator, train: bool) -> torch.Tensor:
+        x = self.pixels[torch.from_numpy(batch)].to(self.device).float() / 255
+        if train:
+            mirror = torch.from_numpy(rng.random(len(batch)) < 0.5).to(self.device)
+            x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
+        return F.mse_loss(self.module(x), x)
+
+
+def train(
+    gallery: str | Path,
+    out: str | Path,
+    settings: TrainSettings = DEFAULTS,
+    *,
+    image_size: int = 128,
+    latent_dim: int = 256,
+    resume: bool = False,
+    progress: bool = True,
+    workers: int = 2,
+) -> TrainReport:
+    """Train an autoencoder on the images of ``gallery`` and write it to the model folder ``out``."""
+    started = time.perf_counter()
+    settings, out = settings.checked(), Path(out)
+    config = {"kind": KIND, "image_size": image_size, "latent_dim": latent_dim, "channels": list(CHANNELS)}
+    torch.manual_seed(settings.seed)
+    net = _network(config)  # checks the sizes before any image is read
+    data = training_data(gallery, labels="none")
+    pictures, rows = load_all(data.files(), lambda image: to_pixels(image, image_size),
+                              workers=workers, progress=progress, desc="reading images")
+    data.keep(rows)
+    if len(pictures) < 2:
+        raise LensError(f"need at least 2 readable images in '{gallery}' to train, found {len(pictures)}")
+    device = settings.torch_device()
+    objective = _Reconstruction(net.to(device), torch.stack(pictures), device)
+    return train_and_save(KIND, out, objective, data, config, settings, resume=resume, progress=progress,
+                          started=started, options={"image_size": image_size, "latent_dim": latent_dim})
