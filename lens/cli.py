@@ -251,7 +251,9 @@ def _eval_parser(sub: argparse._SubParsersAction) -> Handler:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", metavar="DIR", help="where the report goes (default: eval/<dataset name>)")
     parser.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
-                        help="weights for a method (repeatable)")
+                        help="weights for a method (repeatable); a trainable method given a model here is "
+                             "not trained again")
+    parser.add_argument("--backbone", help="backbone of the trained siamese/finetune methods (default: theirs)")
     return _run_eval
 
 
@@ -262,7 +264,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from lens.datasets import load_dataset
-    from lens.evaluate import MethodResult, environment, evaluate_method, load_queries
+    from lens.evaluate import MethodResult, environment, evaluate_method, load_queries, prepare_trained
     from lens.gallery import Gallery
     from lens.methods import list_methods
     from lens.report import text_table, write_report
@@ -283,19 +285,22 @@ def _run_eval(args: argparse.Namespace) -> int:
             return crop_box(picture, subject) if subject else picture
 
     pictures = load_queries(dataset, crop)
-    gallery = Gallery(dataset.gallery_root, out / "indexes", models=_parse_models(args.model))
+    gallery = Gallery(dataset.gallery_root, out / "indexes", models=_parse_models(args.model),
+                      models_dir=out / "models")
     results = []
     with logging_redirect_tqdm():
         for method in methods:
             try:
+                seen = prepare_trained(gallery, dataset, method, backbone=args.backbone, seed=args.seed)
                 results.append(evaluate_method(gallery, dataset, method, pictures, top=args.top,
-                                               index_spec=args.index_spec, batch_size=args.batch_size))
+                                               index_spec=args.index_spec, batch_size=args.batch_size,
+                                               data_seen=seen))
             except LensError as exc:
                 logging.getLogger("lens").warning("%s: %s", method, exc)
                 results.append(MethodResult(method, float("nan"), {}, 0, 0, float("nan"), float("nan"),
                                             float("nan"), 0.0, 0, 0, "", None, "", "", "", "", error=str(exc)))
     print(text_table(results))
-    config = {"methods": methods, "top": args.top, "index": args.index_spec, "detect": args.detect,
+    config = {"methods": methods, "top": args.top, "backbone": args.backbone, "index": args.index_spec, "detect": args.detect,
               "detector": args.detector if args.detect else None, "max_queries": args.max_queries,
               "seed": args.seed, "batch_size": args.batch_size, "models": _parse_models(args.model)}
     command = "lens " + " ".join(shlex.quote(a) for a in sys.argv[1:])

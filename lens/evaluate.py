@@ -203,3 +203,46 @@ def environment() -> dict[str, Any]:
                      "platform": platform.platform()},
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def prepare_trained(gallery: Gallery, dataset: Dataset, method: str, *, backbone: str | None = None,
+                    seed: int = 0, progress: bool = True) -> str:
+    """Train a trainable ``method`` on the dataset's training images only; say what it learnt from.
+
+    A model given with ``models=`` is used as it is; one already trained on exactly this training data
+    is reused. Leave-one-out datasets have their queries among the training images, so there the
+    model trains without labels (self-supervised) to keep the queries' labels out of it.
+    """
+    import json
+    from dataclasses import replace
+
+    from lens.methods import is_trained, method_slug
+
+    if not is_trained(method):
+        return "nothing from this dataset (pretrained or model-free)"
+    given = method in gallery.models
+    folder = Path(gallery.models[method]) if given else gallery.models_dir / method_slug(method)
+    labels = "none" if dataset.kind.startswith("class folders (leave") or dataset.train_root is None else "auto"
+    manifest_path = folder / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    root = str(Path(dataset.train_root or dataset.gallery_root).resolve())
+    fresh = manifest is None or manifest["data"]["gallery"] != root or (
+        labels == "none" and manifest["data"]["labels"] != "none")
+    if not given and fresh:
+        from lens.methods import autoencoder, siamese
+
+        if method == "autoencoder":
+            report = autoencoder.train(root, folder, replace(autoencoder.DEFAULTS, seed=seed), progress=progress)
+        else:
+            trainer, defaults = ((siamese.train, siamese.SIAMESE_DEFAULTS) if method == "siamese"
+                                 else (siamese.finetune, siamese.FINETUNE_DEFAULTS))
+            options = {"labels": labels, **({"backbone": backbone} if backbone else {})}
+            report = trainer(root, folder, replace(defaults, seed=seed), progress=progress, **options)
+        manifest = report.manifest
+    if manifest is None:
+        return f"the model in {folder} (no manifest: unknown training data)"
+    data = manifest["data"]
+    backbone_note = manifest["parameters"].get("backbone")
+    return (f"trained on {data['images']} images of {data['gallery']} (labels: {data['labels']}"
+            + (f"; backbone {backbone_note}" if backbone_note else "")
+            + f"), {manifest['seconds']['total']:.0f} s of training on {manifest['device']}")

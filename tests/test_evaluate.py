@@ -77,3 +77,16 @@ def test_eval_with_class_folders_and_top(tmp_path, tiny_resnet):
     [method] = results["methods"]
     assert 0.0 <= method["map"] <= 1.0 and method["queries_scored"] == 6
     assert results["config"]["top"] == 3
+
+
+def test_eval_trains_trainable_methods_on_the_training_split_only(tmp_path):
+    _class_folders(tmp_path / "shapes")
+    done = lens("eval", "shapes", "--methods", "autoencoder", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    results = json.loads((tmp_path / "eval" / "shapes" / "results.json").read_text())
+    [method] = results["methods"]
+    assert method["error"] is None and 0.0 <= method["map"] <= 1.0
+    assert f"trained on 12 images of {(tmp_path / 'shapes' / 'train').resolve()}" in method["data_seen"]
+    manifest = json.loads((tmp_path / "eval" / "shapes" / "models" / "autoencoder" / "manifest.json").read_text())
+    assert manifest["data"]["images"] == 12  # the 6 test images were never seen
+    assert "trained on 12 images" in (tmp_path / "eval" / "shapes" / "report.md").read_text()
