@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 #: Modules that register methods; importing one registers its methods.
-_FAMILIES = ["deep"]
+_FAMILIES = ["deep", "hashing", "sift"]
 
 MethodFactory = Callable[..., Method]
 _NAMES: dict[str, MethodFactory] = {}
