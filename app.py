@@ -23,6 +23,7 @@ import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from lens import Gallery, LensError, load_image  # noqa: E402
+from lens.gallery import SCORE_LABELS  # noqa: E402
 from lens.detect import Box, list_detectors  # noqa: E402
 from lens.draw import draw_boxes  # noqa: E402
 from lens.images import MAX_BYTES  # noqa: E402
@@ -84,7 +85,7 @@ def build_app(service: LensService) -> gr.Blocks:
         items = []
         for r in outcome.results:
             try:
-                items.append((str(service.thumbnail(r)), f"#{r.rank} · {r.score:.3f} · {Path(r.path).name}"))
+                items.append((str(service.thumbnail(r)), f"#{r.rank} · {r.score_text} · {Path(r.path).name}"))
             except (LensError, OSError) as exc:
                 gr.Warning(f"cannot show {r.path}: {exc}")
         return items
@@ -123,8 +124,9 @@ def build_app(service: LensService) -> gr.Blocks:
             return view, crop, [], "No method is ready yet: see the status below."
         outcome = service.search(image, method, int(k), box)
         what = box.label if box is not None else "the whole image"
+        kind = outcome.results[0].kind if outcome.results else "cosine"
         note = (f"**{method}**: {len(outcome.results)} results for *{what}* in {outcome.seconds * 1000:.0f} ms "
-                f"(score: similarity, 1 = identical)")
+                f"(score: {SCORE_LABELS.get(kind, kind)})")
         return view, crop, caption(outcome), note
 
     @readable
@@ -134,7 +136,7 @@ def build_app(service: LensService) -> gr.Blocks:
         selected = _selected(boxes, subject)
         outcomes = {o.method: o for o in service.compare(image, int(k), boxes[selected] if selected is not None else None)}
         rows = [[o.method, round(o.seconds * 1000, 1), Path(o.results[0].path).name if o.results else "",
-                 round(o.results[0].score, 3) if o.results else None, o.error or ""] for o in outcomes.values()]
+                 o.results[0].score_text if o.results else "", o.error or ""] for o in outcomes.values()]
         galleries = [gr.update(value=caption(outcomes[m]) if m in outcomes else [],
                                label=f"{m}: {outcomes[m].seconds * 1000:.0f} ms" if m in outcomes else f"{m}: not ready")
                      for m in service.methods]
@@ -247,7 +249,8 @@ def _outcome_json(outcome: Outcome) -> dict:
         "seconds": round(outcome.seconds, 4),
         "error": outcome.error,
         # "image" (not "path": gradio_client would take the dict for a file to download)
-        "results": [{"rank": r.rank, "image": r.path, "score": round(r.score, 6)} for r in outcome.results],
+        "results": [{"rank": r.rank, "image": r.path, "score": round(r.score, 6), "score_kind": r.kind}
+                    for r in outcome.results],
     }
 
 

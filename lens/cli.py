@@ -59,8 +59,10 @@ def _index_parser(sub: argparse._SubParsersAction) -> Handler:
     parser.add_argument("--methods", default=DEFAULT_METHODS,
                         help=f"comma-separated method specs (default: {DEFAULT_METHODS}); see `lens methods`")
     parser.add_argument("--index", dest="index_spec", metavar="SPEC",
-                        help="index backend spec, e.g. annoy or annoy:trees=100 (default: annoy, "
-                             "or what the previous build used)")
+                        help="index backend spec (default: annoy, or what the previous build used): "
+                             "annoy, annoy:trees=100, faiss:Flat, faiss:HNSW32:efSearch=64, "
+                             "faiss:IVF256,PQ16:nprobe=16, faiss:PQ32:rerank=100, lsh:256:rerank=100 "
+                             "(see docs/index-backends.md)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2, help="image decoding threads")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -96,6 +98,11 @@ def _search_parser(sub: argparse._SubParsersAction) -> Handler:
     parser.add_argument("--method", default=DEFAULT_METHODS, help="method spec (default: %(default)s)")
     parser.add_argument("-k", type=int, default=10, help="how many results (default: %(default)s)")
     parser.add_argument("--box", metavar="x1,y1,x2,y2", help="search only this region of the query (pixels)")
+    parser.add_argument("--rerank", metavar="N|all", type=_parse_rerank,
+                        help="re-rank the top N index candidates: by the method's own check (sift: "
+                             "RANSAC-verified matches) or exactly with the stored vectors; 'all' "
+                             "compares every gallery image (brute force); 0: off (default: the "
+                             "method's or the index's setting)")
     parser.add_argument("--json", action="store_true",
                         help="print a JSON list of {rank, path, score}; with --detect, a list of "
                              "{box, results}, one per searched box (box: null for the whole image)")
@@ -119,7 +126,7 @@ def _run_search(args: argparse.Namespace) -> int:
     gallery = _gallery(args)
     if args.detect:
         return _search_detected(args, gallery, query)
-    results = gallery.search(query, args.method, k=args.k, box=_parse_box(args.box))
+    results = gallery.search(query, args.method, k=args.k, box=_parse_box(args.box), rerank=args.rerank)
     if args.json:
         print(json.dumps([r.as_dict() for r in results], indent=2))
         return 0
@@ -128,9 +135,13 @@ def _run_search(args: argparse.Namespace) -> int:
 
 
 def _print_results(results) -> None:
-    print(f"{'rank':>4}  {'score':>6}  path   (score: cosine similarity, 1 = identical)")
+    from lens.gallery import SCORE_LABELS
+
+    kind = results[0].kind if results else "cosine"
+    print(f"{'rank':>4}  {'score':>6}  path   (score: {SCORE_LABELS.get(kind, kind)})")
     for r in results:
-        print(f"{r.rank:>4}  {r.score:6.4f}  {r.file}")
+        print(f"{r.rank:>4}  {r.score:6.4f}  {r.file}" if kind != "inliers" else
+              f"{r.rank:>4}  {r.score:6.0f}  {r.file}")
 
 
 def _search_detected(args: argparse.Namespace, gallery, query) -> int:
@@ -148,7 +159,7 @@ def _search_detected(args: argparse.Namespace, gallery, query) -> int:
         logging.getLogger("lens").warning("no object found (detector %s); searching the whole image",
                                           args.detector)
     regions = [crop_box(query, box, args.margin) for box in boxes] or [query]
-    groups = gallery.search_many(regions, args.method, k=args.k)
+    groups = gallery.search_many(regions, args.method, k=args.k, rerank=args.rerank)
     shown = boxes or [None]
     if args.json:
         print(json.dumps([{"box": box.as_dict() if box else None, "results": [r.as_dict() for r in group]}
@@ -218,6 +229,20 @@ def _run_detect(args: argparse.Namespace) -> int:
         where = ",".join(f"{v:.0f}" for v in box.xyxy)
         print(f"{n:>2}{mark}  {box.score:5.3f}  {box.label:<16} {where}")
     return 0
+
+
+
+
+def _parse_rerank(text: str) -> int | str:
+    if text.strip().lower() == "all":
+        return "all"
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expects a number of candidates or 'all', got '{text}'")
+    return value
 
 
 # -- lens methods ----------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ class Embedded:
     vectors: np.ndarray  #: one row per path in ``paths``
     paths: list[Path]  #: the files embedded, in input order
     skipped: list[tuple[Path, str]] = field(default_factory=list)  #: unreadable files and why
+    prepared: list[Any] = field(default_factory=list)  #: ``prepare`` outputs, row by row, if kept
 
 
 def _prepare(method: Method, path: Path) -> tuple[Any, str | None]:
@@ -49,12 +50,16 @@ def embed_files(
     progress: bool = True,
     desc: str | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    keep_prepared: bool = False,
 ) -> Embedded:
     """Embed ``paths`` with ``method``; unreadable files are skipped with a warning.
 
     ``on_progress(done, total)`` is called after every batch (e.g. to show progress in the app).
+    ``keep_prepared`` also returns what ``prepare`` gave for each embedded file (for methods that
+    store per-image data in the index, like SIFT's keypoints).
     """
     chunks: list[np.ndarray] = []
+    kept: list[Any] = []
     done: list[Path] = []
     skipped: list[tuple[Path, str]] = []
     with tqdm(total=len(paths), unit="img", desc=desc or method.info.name, disable=not progress,
@@ -70,6 +75,8 @@ def embed_files(
                     log.warning("skipped %s: %s", path, error)
             if items:
                 chunks.append(np.asarray(method.embed_prepared(items)))
+                if keep_prepared:
+                    kept.extend(items)
             bar.update(len(batch))
             if on_progress is not None:
                 on_progress(bar.n, len(paths))
@@ -77,7 +84,7 @@ def embed_files(
         vectors = np.concatenate(chunks)
     else:
         vectors = np.zeros((0, method.info.dim), dtype=np.float32)
-    return Embedded(vectors, done, skipped)
+    return Embedded(vectors, done, skipped, kept)
 
 
 def _prefetched(

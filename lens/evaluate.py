@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from lens.datasets import Dataset
-from lens.gallery import Gallery
+from lens.gallery import SCORE_LABELS, Gallery
 from lens.images import ImageError, load_image
 from lens.metrics import average_precision, hit_at_k, mean_or_nan
 
@@ -124,13 +124,14 @@ def evaluate_method(
     depth = top or len(in_gallery)
     if pictures:  # warm-up: the first call pays one-off costs (lazy init, allocator) a user pays once
         gallery.search(next(iter(pictures.values())), method, k=depth)
-    rankings = []
+    rankings, kinds = [], set()
     for path, picture in pictures.items():
         own = dataset.exclude.get(path)
         t0 = time.perf_counter()
         results = gallery.search(picture, method, k=depth + (1 if own else 0))
         seconds = time.perf_counter() - t0
         kept = [r for r in results if r.path != own and r.path in in_gallery][:depth]
+        kinds.update(r.kind for r in kept)
         relevant = dataset.relevant[path]
         rankings.append(Ranking(
             query=str(path), ids=[r.path for r in kept], scores=[r.score for r in kept],
@@ -151,13 +152,10 @@ def evaluate_method(
         build_seconds=build_seconds, index_bytes=index_bytes,
         stored_bytes=sum(v["bytes"] for v in files.values()), index_spec=stored.manifest["index"],
         ann_recall_at_10=_ann_recall(gallery, method, list(pictures.values())),
-        model=info.model, weights=info.weights, score_kind=_score_kind(info.metric, info.extra),
+        model=info.model, weights=info.weights,
+        score_kind=", ".join(SCORE_LABELS.get(kind, kind) for kind in sorted(kinds)) or "–",
         data_seen=data_seen, rankings=rankings,
     )
-
-
-def _score_kind(metric: str, extra: dict[str, Any]) -> str:
-    return str(extra.get("score_kind") or {"cosine": "cosine similarity", "hamming": "1 - Hamming/bits"}.get(metric, metric))
 
 
 def _ann_recall(gallery: Gallery, method: str, pictures: list[Image.Image], k: int = 10, sample: int = 200) -> float | None:

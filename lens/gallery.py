@@ -4,6 +4,7 @@
     >>> gallery = Gallery("photos/")                      # indexes in ./indexes/photos/
     >>> gallery.index(["resnet50", "vit"])                 # embeds only new or changed files
     >>> gallery.search("query.jpg", method="vit", k=10, box=(10, 20, 200, 240))
+    >>> gallery.search("query.jpg", method="sift", k=10, rerank="all")   # brute-force matching
 
 Trained methods (``autoencoder``, ``siamese``, ``finetune``) use the model ``lens train`` wrote for this
 gallery, ``models/<gallery folder name>/<method>/``, unless ``models=`` or ``models_dir=`` says otherwise.
@@ -17,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union
 
 import numpy as np
 from filelock import FileLock
@@ -25,24 +26,42 @@ from filelock import FileLock
 from lens.embedding import embed_files
 from lens.errors import CorruptIndexError, IndexNotFoundError, LensError
 from lens.images import ImageSource, crop, iter_image_files, load_image
-from lens.index import DEFAULT_INDEX, create_index
+from lens.index import DEFAULT_INDEX, create_index, rerank_exact
 from lens.methods import Method, create_method, is_trained, method_slug
-from lens.store import Item, StoredIndex, check_compatible, live_build, open_build, publish, read_manifest
+from lens.methods.base import LearnsFromGallery, Reranks
+from lens.store import Item, StoredIndex, live_build, open_build, publish, read_manifest
 
 log = logging.getLogger("lens")
 
 Box = tuple[float, float, float, float]
+Rerank = Union[int, Literal["all"], None]  #: candidates to re-rank: a number, "all", or None = default
 
 
 @dataclass(frozen=True)
 class SearchResult:
     rank: int  #: 1 = best
     path: str  #: the image's path relative to the gallery root (its id)
-    score: float  #: similarity in [0, 1], 1 = identical
+    score: float  #: similarity in [0, 1], 1 = identical; or a count, see ``kind``
     file: Path  #: where the image is on disk
+    #: what ``score`` is: ``cosine`` or ``hamming`` similarity in [0, 1], or ``inliers`` (a count of
+    #: RANSAC-verified keypoint matches, from a method's re-ranking)
+    kind: str = "cosine"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"rank": self.rank, "path": str(self.file), "score": round(self.score, 6)}
+        return {"rank": self.rank, "path": str(self.file), "score": round(self.score, 6),
+                "score_kind": self.kind}
+
+    @property
+    def score_text(self) -> str:
+        return f"{self.score:.0f} inliers" if self.kind == "inliers" else f"{self.score:.3f}"
+
+
+#: What each kind of score means, for people.
+SCORE_LABELS = {
+    "cosine": "cosine similarity, 1 = identical",
+    "hamming": "1 - Hamming distance / bits, 1 = identical",
+    "inliers": "RANSAC-verified keypoint matches (inliers), more = more alike",
+}
 
 
 @dataclass
@@ -82,12 +101,23 @@ class Gallery:
         self.models = dict(models or {})  #: method name -> hub id or local path replacing its default
         #: where ``lens train`` puts this gallery's trained models, one folder per method
         self.models_dir = Path(models_dir) if models_dir else Path("models") / self.name
-        self._opened: dict[str, StoredIndex] = {}
+        #: spec -> (live index, the method fitted to it, the base method it was made from)
+        self._opened: dict[str, tuple[StoredIndex, Method, Method]] = {}
         self._lock = threading.Lock()
 
     # -- methods and their folders ---------------------------------------------------------------
     def method(self, spec: str) -> Method:
-        """The loaded method ``spec``, with this gallery's model override if any (cached per process)."""
+        """The loaded method ``spec``, with this gallery's model override if any (cached per process).
+
+        A method that learns from the gallery (SIFT) comes with what it learned from this gallery's
+        live index, once there is one.
+        """
+        base = self._base_method(spec)
+        if isinstance(base, LearnsFromGallery) and live_build(self.method_dir(spec)) is not None:
+            return self._open(spec)[1]
+        return base
+
+    def _base_method(self, spec: str) -> Method:
         return create_method(spec, model=self.model_for(spec))
 
     def model_for(self, spec: str) -> str | None:
@@ -159,18 +189,22 @@ class Gallery:
         on_progress: Callable[[str, int, int], None] | None,
     ) -> IndexReport:
         started = time.perf_counter()
-        method = self.method(spec)
-        info = method.info
         method_dir = self.method_dir(spec)
         method_dir.mkdir(parents=True, exist_ok=True)
         with FileLock(str(method_dir / ".lock")):
-            cached, previous_spec = self._cached_vectors(method_dir, method)
+            method, restored = self._method_to_index(spec, method_dir, items)
+            info = method.info
+            keeps_items = isinstance(method, LearnsFromGallery)
+            cached, previous_vectors, previous_spec = self._cached_vectors(method_dir, method)
+            if keeps_items and not restored:
+                cached = {}  # its stored per-image data is not reusable: prepare every image again
             fresh = [item for item in items if item not in cached]
             embed_started = time.perf_counter()
             embedded = embed_files(
                 method, [self.root / item.path for item in fresh],
                 batch_size=batch_size, workers=workers, progress=progress, desc=spec,
                 on_progress=(lambda done, total: on_progress(spec, done, total)) if on_progress else None,
+                keep_prepared=keeps_items,
             )
             embed_seconds = time.perf_counter() - embed_started
             by_path = {item.path: item for item in fresh}
@@ -179,13 +213,18 @@ class Gallery:
             }
             kept: list[Item] = []
             rows: list[np.ndarray] = []
+            per_item: list[Any] = []  # prepare() outputs kept in the build, for LearnsFromGallery
             for item in items:
                 if item in cached:
                     kept.append(item)
-                    rows.append(cached[item])
+                    rows.append(previous_vectors[cached[item]])
+                    if keeps_items:
+                        per_item.append(method.stored_item(cached[item]))
                 elif item.path in new_rows:
                     kept.append(by_path[item.path])
                     rows.append(embedded.vectors[new_rows[item.path]])
+                    if keeps_items:
+                        per_item.append(embedded.prepared[new_rows[item.path]])
             if not kept:
                 raise LensError(f"none of the {len(items)} images in '{self.root}' could be read")
             vectors = np.stack(rows).astype(embedded.vectors.dtype if len(embedded.vectors) else rows[0].dtype)
@@ -201,54 +240,88 @@ class Gallery:
                     "skipped": skipped,
                     "seconds": round(time.perf_counter() - started, 3),
                 },
+                write_extra=(lambda folder: method.save_state(folder, per_item)) if keeps_items else None,
             )
         return IndexReport(
             spec, folder, len(kept), len(embedded.paths), len(kept) - len(embedded.paths),
             time.perf_counter() - started, embed_seconds, skipped,
         )
 
-    def _cached_vectors(self, method_dir: Path, method: Method) -> tuple[dict[Item, np.ndarray], str | None]:
-        """Embeddings of the live build, reusable when it was built with the same weights."""
+    def _method_to_index(self, spec: str, method_dir: Path, items: list[Item]) -> tuple[Method, bool]:
+        """The method to embed the gallery with, and whether it was restored from the live build.
+
+        A method that learns from the gallery keeps what the live build learned (so unchanged
+        images keep their vectors), or, without a usable one, is fitted on the gallery's images.
+        """
+        base = self._base_method(spec)
+        if not isinstance(base, LearnsFromGallery):
+            return base, False
+        build = live_build(method_dir)
+        if build is not None:
+            try:
+                return base.load_state(build), True
+            except LensError as exc:
+                log.warning("%s: cannot reuse what the last build learned (%s); learning it again", spec, exc)
+        return base.fit([self.root / item.path for item in items]), False
+
+    def _cached_vectors(
+        self, method_dir: Path, method: Method
+    ) -> tuple[dict[Item, int], np.ndarray, str | None]:
+        """Rows of the live build reusable with the same weights: {item: row}, its vectors, its index spec."""
+        none = np.zeros((0, method.info.dim), np.float32)
         try:
             manifest = read_manifest(method_dir)
             if manifest is None:
-                return {}, None
+                return {}, none, None
             if (manifest.get("weights"), manifest.get("dim")) != (method.info.weights, method.info.dim):
                 log.warning("%s: model changed since the last build; embedding every image again",
                             method.info.name)
-                return {}, manifest.get("index")
+                return {}, none, manifest.get("index")
             stored = open_build(method_dir, method.info, verify=True)
         except (LensError, KeyError) as exc:
             log.warning("%s: previous index unusable (%s); embedding every image again", method_dir, exc)
-            return {}, None
-        vectors = np.asarray(stored.vectors)
-        return {item: vectors[row] for row, item in enumerate(stored.items)}, stored.manifest["index"]
+            return {}, none, None
+        rows = {item: row for row, item in enumerate(stored.items)}
+        return rows, np.asarray(stored.vectors), stored.manifest["index"]
 
     # -- searching -------------------------------------------------------------------------------
     def open(self, spec: str) -> StoredIndex:
         """The live index of ``spec`` (opened once, re-opened when a newer build is published)."""
-        build = live_build(self.method_dir(spec))
+        return self._open(spec)[0]
+
+    def _open(self, spec: str) -> tuple[StoredIndex, Method, Method]:
+        """The live index of ``spec`` and the method to search it with (fitted to it if it learns).
+
+        Re-opened when a newer build is published, or when the model was retrained since (the
+        method cache then gives a new instance, checked against the index's manifest).
+        """
+        method_dir = self.method_dir(spec)
+        build = live_build(method_dir)
         if build is None:
             available = ", ".join(self.indexed_methods()) or "none yet"
             raise IndexNotFoundError(
                 f"no index for method '{spec}' in {self.index_dir} (indexed: {available}); build it "
                 f"with `lens index {self.root} --methods {spec}`"
             )
-        info = self.method(spec).info
+        base = self._base_method(spec)
         with self._lock:
-            stored = self._opened.get(spec)
-            if stored is None or stored.folder != build:
-                stored = open_build(self.method_dir(spec), info)
-                self._opened[spec] = stored
-            else:
-                check_compatible(stored.manifest, info, stored.folder)  # the model may have been retrained
-            return stored
+            entry = self._opened.get(spec)
+            if entry is None or entry[0].folder != build or entry[2] is not base:
+                method = base.load_state(build) if isinstance(base, LearnsFromGallery) else base
+                entry = (open_build(method_dir, method.info), method, base)
+                self._opened[spec] = entry
+            return entry
 
     def search(
-        self, image: ImageSource, method: str, k: int = 10, box: Box | None = None
+        self,
+        image: ImageSource,
+        method: str,
+        k: int = 10,
+        box: Box | None = None,
+        rerank: Rerank = None,
     ) -> list[SearchResult]:
         """The ``k`` gallery images most similar to ``image`` (or to its ``box`` region), best first."""
-        return self.search_many([image], method, k, [box])[0]
+        return self.search_many([image], method, k, [box], rerank=rerank)[0]
 
     def search_many(
         self,
@@ -256,18 +329,53 @@ class Gallery:
         method: str,
         k: int = 10,
         boxes: Sequence[Box | None] | None = None,
+        rerank: Rerank = None,
     ) -> list[list[SearchResult]]:
-        """Batched :meth:`search`: the query images are embedded together."""
+        """Batched :meth:`search`: the query images are embedded together.
+
+        ``rerank``: how many index candidates (at least ``k``) to re-rank, by the method's own check
+        when it has one (SIFT: RANSAC-verified matches; scores are then inlier counts), else exactly
+        with the stored vectors; ``"all"`` compares every gallery image (brute force, the exact
+        reference); ``0`` keeps the index's order; ``None``: the method's default (SIFT: 50), else
+        the index spec's ``rerank`` option (e.g. ``faiss:PQ32:rerank=100``), else 0.
+        """
         boxes = list(boxes) if boxes is not None else [None] * len(images)
-        stored = self.open(method)
+        stored, searcher = self._open(method)
         pictures = [crop(load_image(image), box) for image, box in zip(images, boxes)]
-        vectors = self.method(method).embed(pictures)
-        ids, scores = stored.index.search(vectors, k)
+        prepared = [searcher.prepare(picture) for picture in pictures]
+        vectors = searcher.embed_prepared(prepared)
+        count, kind = _rerank_count(rerank, stored, searcher), stored.index.metric
+        if count >= len(stored.items):  # every image is a candidate: no index needed
+            ids = np.tile(np.arange(len(stored.items), dtype=np.int64), (len(pictures), 1))
+            scores = np.zeros(ids.shape, np.float32)
+        else:
+            ids, scores = stored.index.search(vectors, max(k, count))
+        if count and isinstance(searcher, Reranks):
+            ranked = [searcher.rerank(item, row, k) for item, row in zip(prepared, ids)]
+            kind = searcher.score_kind
+        elif count:
+            index = stored.index
+            ranked = list(zip(*rerank_exact(vectors, ids, stored.vectors, index.metric, index.dim, k)))
+        else:
+            ranked = [(row_ids[:k], row_scores[:k]) for row_ids, row_scores in zip(ids, scores)]
         return [
             [
-                SearchResult(rank + 1, stored.items[i].path, float(score), self.root / stored.items[i].path)
+                SearchResult(rank + 1, stored.items[i].path, float(score), self.root / stored.items[i].path,
+                             kind)
                 for rank, (i, score) in enumerate(zip(row_ids, row_scores))
                 if i >= 0
             ]
-            for row_ids, row_scores in zip(ids, scores)
+            for row_ids, row_scores in ranked
         ]
+
+
+
+def _rerank_count(rerank: Rerank, stored: StoredIndex, method: Method) -> int:
+    """How many candidates to re-rank (>= the gallery's size: all of them)."""
+    if rerank is None:
+        rerank = method.candidates if isinstance(method, Reranks) else getattr(stored.index, "rerank", 0)
+    if rerank == "all":
+        return len(stored.items)
+    if isinstance(rerank, bool) or not isinstance(rerank, (int, np.integer)) or rerank < 0:
+        raise LensError(f"rerank must be a number of candidates (0 or more) or 'all', got {rerank!r}")
+    return int(rerank)

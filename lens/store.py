@@ -9,6 +9,8 @@ Layout of ``<index dir>/<method slug>/``::
         items.json          the indexed images: row i = {"path", "size", "mtime_ns"}
         vectors.npy         row i = the embedding of items[i] (the embedding cache, and exact re-ranking)
         <index files>       written by the index backend
+        <method files>      written by methods that learn from the gallery (e.g. SIFT's vocabulary
+                            and keypoints, see ``LearnsFromGallery``)
 
 A build is written into a fresh folder and only becomes live when ``CURRENT`` is replaced, so an
 interrupted build never damages the index that was there before.
@@ -22,6 +24,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -87,8 +90,13 @@ def publish(
     vectors: np.ndarray,
     index: VectorIndex,
     build: dict[str, Any],
+    write_extra: Callable[[Path], list[str]] | None = None,
 ) -> Path:
-    """Write a complete build and make it the live one; older builds are removed afterwards."""
+    """Write a complete build and make it the live one; older builds are removed afterwards.
+
+    ``write_extra(folder)`` writes more files into the build (returning their names); they are
+    checksummed in the manifest like the rest.
+    """
     from lens import __version__
 
     method_dir.mkdir(parents=True, exist_ok=True)
@@ -96,7 +104,7 @@ def publish(
     try:
         np.save(staging / VECTORS, np.ascontiguousarray(vectors))
         _write_json(staging / ITEMS, [item.__dict__ for item in items])
-        files = [VECTORS, ITEMS, *index.save(staging)]
+        files = [VECTORS, ITEMS, *index.save(staging), *(write_extra(staging) if write_extra else [])]
         manifest = {
             **info.as_dict(),
             "count": len(items),

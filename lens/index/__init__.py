@@ -1,8 +1,13 @@
 """Vector index backends behind one protocol, chosen by a spec string like faiss's ``index_factory``.
 
 A spec is ``backend`` or ``backend:options``: ``annoy``, ``annoy:trees=100,search_k=5000``, and
-(for backends that take factory strings) e.g. ``faiss:HNSW32``. Vectors are stored under their row
+for backends that take a factory string ``backend:FACTORY:options``: ``faiss:HNSW32:efSearch=64``,
+``faiss:IVF256,PQ16:nprobe=16``, ``lsh:256:rerank=100``. Vectors are stored under their row
 number; the gallery maps row numbers to image paths.
+
+Float vectors are compared by ``cosine``; bit codes (``hamming``) travel as packed uint8 rows
+(``np.packbits``, ``dim`` = the number of bits). An index may have an int attribute ``rerank``: how
+many candidates the gallery re-ranks exactly (:func:`rerank_exact`) from its stored vectors.
 
 Adding a backend: write ``lens/index/<name>_index.py`` with a class decorated by
 ``@register_backend("name")`` and add the module to ``_BACKEND_MODULES``.
@@ -25,11 +30,12 @@ __all__ = [
     "list_backends",
     "load_index",
     "register_backend",
+    "rerank_exact",
     "similarity_from_distance",
 ]
 
 DEFAULT_INDEX = "annoy"
-_BACKEND_MODULES = ["annoy_index"]
+_BACKEND_MODULES = ["annoy_index", "faiss_index", "lsh_index"]
 _BACKENDS: dict[str, type[VectorIndex]] = {}
 _loaded = False
 
@@ -118,3 +124,30 @@ def similarity_from_distance(distances: np.ndarray, metric: str, dim: int) -> np
     else:
         raise LensError(f"unknown metric '{metric}'")
     return np.clip(similarity, 0.0, 1.0).astype(np.float32)
+
+
+def rerank_exact(
+    queries: np.ndarray, candidates: np.ndarray, vectors: np.ndarray, metric: str, dim: int, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Re-order each query's candidate rows (-1 = none) by the exact similarity of stored ``vectors``.
+
+    Returns ``(ids, similarities)`` of the best ``k`` per query, shaped like an index's search.
+    """
+    queries = np.atleast_2d(np.asarray(queries))
+    width = min(k, candidates.shape[1])
+    ids = np.full((len(queries), width), -1, dtype=np.int64)
+    similarities = np.zeros((len(queries), width), dtype=np.float32)
+    for row, (query, cand) in enumerate(zip(queries, candidates)):
+        cand = np.sort(cand[cand >= 0])  # sorted: sequential reads from a memory-mapped file
+        rows = np.asarray(vectors[cand], dtype=np.uint8 if metric == "hamming" else np.float32)
+        if metric == "hamming":
+            differing = np.unpackbits(np.bitwise_xor(rows, query.astype(np.uint8)), axis=1).sum(axis=1)
+            sims = similarity_from_distance(differing, "hamming", dim)
+        else:
+            unit = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+            query = query / max(float(np.linalg.norm(query)), 1e-12)
+            sims = np.clip(unit @ query, 0.0, 1.0).astype(np.float32)
+        order = np.argsort(-sims, kind="stable")[:width]
+        ids[row, : len(order)] = cand[order]
+        similarities[row, : len(order)] = sims[order]
+    return ids, similarities

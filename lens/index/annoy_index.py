@@ -2,6 +2,10 @@
 
 Options: ``trees`` (default 50; more trees, better recall, bigger file) and ``search_k`` (nodes
 inspected per query; default -1 means Annoy's own ``trees * k``).
+
+Metrics: ``cosine`` (Annoy's ``angular``) for float vectors, and ``hamming`` for bit codes, which
+lens passes around packed 8 bits per byte (uint8 rows of ``bits / 8`` bytes, ``np.packbits`` order)
+and Annoy takes as 0/1 values, one per bit.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from annoy import AnnoyIndex as _Annoy
 from lens.errors import CorruptIndexError, LensError
 from lens.index import parse_options, register_backend, similarity_from_distance
 
-_METRICS = {"cosine": "angular"}
+_METRICS = {"cosine": "angular", "hamming": "hamming"}
 FILE = "index.ann"
 
 
@@ -33,8 +37,15 @@ class AnnoyIndex:
         self._index = _Annoy(dim, _METRICS[metric])
         self._count = 0
 
+    def _rows(self, vectors: np.ndarray) -> np.ndarray:
+        """Rows as Annoy takes them: floats, or one 0/1 value per bit for packed bit codes."""
+        vectors = np.atleast_2d(np.asarray(vectors))
+        if self.metric == "hamming":
+            return np.unpackbits(np.asarray(vectors, dtype=np.uint8), axis=1)[:, : self.dim]
+        return np.asarray(vectors, dtype=np.float32)
+
     def build(self, vectors: np.ndarray) -> None:
-        vectors = np.asarray(vectors, dtype=np.float32)
+        vectors = self._rows(vectors)
         index = _Annoy(self.dim, _METRICS[self.metric])
         index.set_seed(0)
         for i, vector in enumerate(vectors):
@@ -43,7 +54,7 @@ class AnnoyIndex:
         self._index, self._count = index, len(vectors)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        queries = self._rows(queries)
         k = max(1, min(k, self._count)) if self._count else 0
         ids = np.full((len(queries), k), -1, dtype=np.int64)
         distances = np.full((len(queries), k), np.inf, dtype=np.float64)

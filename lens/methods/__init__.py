@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 #: Modules that register methods; importing one registers its methods.
-_FAMILIES = ["deep", "autoencoder", "siamese"]
+_FAMILIES = ["deep", "autoencoder", "siamese", "hashing", "sift"]
 
 MethodFactory = Callable[..., Method]
 _NAMES: dict[str, MethodFactory] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -49,6 +50,41 @@ class Method(Protocol):
     def embed_prepared(self, items: Sequence[Any]) -> np.ndarray: ...
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray: ...
+
+
+@runtime_checkable
+class LearnsFromGallery(Protocol):
+    """Optional: a method that learns from the gallery it indexes (SIFT: a visual vocabulary) and
+    keeps per-image data in the index build for re-ranking (SIFT: keypoints).
+
+    The gallery calls ``fit`` before embedding a gallery that has no index yet (later builds reuse
+    the live build's state through ``load_state``, so unchanged images keep their vectors), writes
+    ``save_state(folder, items)`` into every build (``items[i]`` = what ``prepare`` gave for row i;
+    the files are checksummed with the rest), and searches with ``load_state(build folder)``.
+    """
+
+    def fit(self, paths: Sequence[Path]) -> Method:
+        """A new, fitted method learned from these gallery images (this instance is left unchanged)."""
+
+    def save_state(self, folder: Path, items: Sequence[Any]) -> list[str]:
+        """Write what was learned and the per-row ``items`` into ``folder``; returns the file names."""
+
+    def load_state(self, folder: Path) -> Method:
+        """The fitted method restored from a build folder written by ``save_state``."""
+
+    def stored_item(self, row: int) -> Any:
+        """(On a restored method) the stored ``prepare`` output of indexed row ``row``."""
+
+
+@runtime_checkable
+class Reranks(Protocol):
+    """Optional: a method that re-orders index candidates with its own check (SIFT: RANSAC inliers)."""
+
+    score_kind: str  #: what its scores are, e.g. ``inliers`` (not similarities in [0, 1])
+    candidates: int  #: how many index results it re-ranks by default
+
+    def rerank(self, item: Any, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The best ``k`` candidate rows for the query's prepared ``item``, and their scores."""
 
 
 class BaseMethod:
