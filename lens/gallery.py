@@ -340,7 +340,7 @@ class Gallery:
         the index spec's ``rerank`` option (e.g. ``faiss:PQ32:rerank=100``), else 0.
         """
         boxes = list(boxes) if boxes is not None else [None] * len(images)
-        stored, searcher = self._open(method)
+        stored, searcher, _ = self._open(method)
         pictures = [crop(load_image(image), box) for image, box in zip(images, boxes)]
         prepared = [searcher.prepare(picture) for picture in pictures]
         vectors = searcher.embed_prepared(prepared)
