@@ -343,6 +343,10 @@ _TRAIN_KINDS = {
 }
 
 
+#: per kind: epochs, batch size, learning rate, patience (the trainers' DEFAULTS, shown in --help)
+TRAIN_DEFAULTS = {"autoencoder": (20, 32, 1e-3, 3), "siamese": (60, 128, 1e-3, 6), "finetune": (5, 32, 1e-4, 2)}
+
+
 def _train_parser(sub: argparse._SubParsersAction) -> Handler:
     parser = sub.add_parser("train", help="train a method on a gallery (autoencoder, siamese, finetune)")
     kinds = parser.add_subparsers(dest="kind", required=True, metavar="KIND")
@@ -370,12 +374,14 @@ def _train_parser(sub: argparse._SubParsersAction) -> Handler:
                            help="cached views per image when frozen: the picture + N-1 augmented (default: 2)")
             p.add_argument("--margin", type=float, default=0.5,
                            help="contrastive margin: other-class pairs are pushed this far apart (default: 0.5)")
-        p.add_argument("--epochs", type=int, help="most epochs (early stopping may end sooner)")
-        p.add_argument("--batch-size", type=int)
-        p.add_argument("--lr", type=float, help="learning rate (AdamW)")
+        epochs, batch_size, lr, patience = TRAIN_DEFAULTS[kind]
+        p.add_argument("--epochs", type=int, help=f"most epochs; early stopping may end sooner (default: {epochs})")
+        p.add_argument("--batch-size", type=int, help=f"(default: {batch_size})")
+        p.add_argument("--lr", type=float, help=f"learning rate, AdamW (default: {lr:g})")
         p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
         p.add_argument("--val-split", type=float, help="share of images held out for validation (default: 0.1)")
-        p.add_argument("--patience", type=int, help="epochs without a better validation loss before stopping")
+        p.add_argument("--patience", type=int,
+                       help=f"epochs without a better validation loss before stopping; 0 = never (default: {patience})")
         p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
         p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
         p.add_argument("--workers", type=int, default=2, help="image decoding threads")

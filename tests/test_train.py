@@ -299,3 +299,11 @@ def test_cli_training_errors_are_one_line(shapes, argv, message, capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith("lens: error:") and message in err and "Traceback" not in err
+
+
+def test_cli_help_shows_the_trainers_defaults():
+    from lens.cli import TRAIN_DEFAULTS
+
+    for kind, defaults in [("autoencoder", autoencoder.DEFAULTS), ("siamese", siamese.SIAMESE_DEFAULTS),
+                           ("finetune", siamese.FINETUNE_DEFAULTS)]:
+        assert TRAIN_DEFAULTS[kind] == (defaults.epochs, defaults.batch_size, defaults.lr, defaults.patience)
