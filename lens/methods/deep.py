@@ -65,7 +65,7 @@ class HFBackbone(BaseMethod):
         hf_logging.set_verbosity_error()  # no load reports or processor-backend notes on stdout
         hf_logging.disable_progress_bar()
         self.device = torch.device(device) if device else default_device()
-        model_ref = os.path.expanduser(model_ref)
+        model_ref = self.model_ref = os.path.expanduser(model_ref)
         try:
             self.processor = AutoImageProcessor.from_pretrained(model_ref)
             self.model = AutoModel.from_pretrained(model_ref).eval().to(self.device)
@@ -107,7 +107,8 @@ class HFBackbone(BaseMethod):
         pooler = getattr(outputs, "pooler_output", None)
         if self.pooling == "pooler" or (self.pooling == "auto" and pooler is not None):
             if pooler is None:
-                raise ModelLoadError(f"model '{self.info.model}' has no pooled output")
+                raise ModelLoadError(f"model '{self.model_ref}' has no pooled output; use a backbone "
+                                     "that has one, or a preset with CLS pooling")
             return pooler.flatten(1)
         hidden = outputs.last_hidden_state
         if self.pooling == "cls":
