@@ -351,8 +351,17 @@ class Gallery:
         else:
             ids, scores = stored.index.search(vectors, max(k, count))
         if count and isinstance(searcher, Reranks):
-            ranked = [searcher.rerank(item, row, k) for item, row in zip(prepared, ids)]
-            kind = searcher.score_kind
+            # only the top `count` candidates are re-ranked; any results beyond them (k > count, e.g. a
+            # full ranking for evaluation) keep the index's order and scores, and say so in their kind
+            reranked = [searcher.rerank(item, row[:count], min(k, count)) for item, row in zip(prepared, ids)]
+            tails = [(row_ids[count:k], row_scores[count:k]) for row_ids, row_scores in zip(ids, scores)]
+            return [
+                [SearchResult(rank + 1, stored.items[i].path, float(score), self.root / stored.items[i].path,
+                              searcher.score_kind if rank < len(top_ids) else stored.index.metric)
+                 for rank, (i, score) in enumerate(zip([*top_ids, *tail_ids], [*top_scores, *tail_scores]))
+                 if i >= 0]
+                for (top_ids, top_scores), (tail_ids, tail_scores) in zip(reranked, tails)
+            ]
         elif count:
             index = stored.index
             ranked = list(zip(*rerank_exact(vectors, ids, stored.vectors, index.metric, index.dim, k)))

@@ -80,6 +80,17 @@ def test_brute_force_scores_are_direct_matching_of_the_image_files(gallery, phot
     assert {r.path: r.score for r in results} == expected
 
 
+def test_a_deep_ranking_reranks_only_the_candidates_and_keeps_the_index_order_after(gallery, photos):
+    """k beyond the candidates (a full ranking, as lens eval asks) must not turn into brute force."""
+    query = next(iter(sorted(photos.iterdir())))
+    everything = len(gallery.open("sift").items)
+    results = gallery.search(query, "sift", k=everything, rerank=FEW)
+    assert len(results) == everything
+    assert [r.kind for r in results[:FEW]] == ["inliers"] * FEW
+    assert {r.kind for r in results[FEW:]} == {"cosine"}
+    assert results[:FEW] == gallery.search(query, "sift", k=FEW, rerank=FEW)
+
+
 def test_batched_ratio_matches_equal_opencv_brute_force_matcher():
     import cv2
 
