@@ -378,7 +378,6 @@ class Gallery:
         ]
 
 
-
 def _rerank_count(rerank: Rerank, stored: StoredIndex, method: Method) -> int:
     """How many candidates to re-rank (>= the gallery's size: all of them)."""
     if rerank is None:

@@ -148,7 +148,6 @@ def ratio_matches(query: np.ndarray, others: Sequence[np.ndarray], ratio: float)
     return found
 
 
-
 def verified_inliers(query_xy: np.ndarray, other_xy: np.ndarray, matches: np.ndarray,
                      threshold: float) -> int:
     """How many of the ``matches`` (query row, other row) a RANSAC homography (MAGSAC++) confirms."""
