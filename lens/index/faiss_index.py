@@ -25,6 +25,7 @@ searches with a Hamming threshold) unless the ``ht`` option asks for such search
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +54,11 @@ def split_spec(spec: str) -> tuple[str, dict[str, str]]:
 
 
 def faiss_message(exc: BaseException) -> str:
-    """The readable part of a FAISS C++ exception (the text after ``Error:``), on one line."""
-    text = str(exc).strip()
-    for marker in ("Error: ", "error: ", "failed: "):
-        if marker in text:
-            text = text.split(marker, 1)[1]
-    return " ".join(text.split())
+    """The readable part of a FAISS C++ exception, on one line (no C++ signature, file or assertion)."""
+    text = " ".join(str(exc).split())
+    located = re.search(r" at \S+:\d+: (.*)$", text)  # "Error in <signature> at <file>:<line>: <message>"
+    text = located.group(1) if located else text
+    return re.sub(r"^Error: '.*?' failed: ", "", text)
 
 
 def _int_option(options: dict[str, str], key: str, spec: str, default: int) -> int:
