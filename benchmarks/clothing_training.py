@@ -24,18 +24,10 @@ import numpy as np  # noqa: E402
 from lens import Gallery  # noqa: E402
 from lens.images import iter_image_files  # noqa: E402
 from lens.methods import is_trained  # noqa: E402
+from lens.metrics import average_precision  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "clothing"
 BACKBONE = "hf:../shared/weights/efficientnet_lite0.in1k"
-
-
-def average_precision(ranked_relevant: np.ndarray, total_relevant: int) -> float:
-    """AP of one ranking: the mean, over the relevant items, of the precision at their rank."""
-    if total_relevant == 0:
-        return 0.0
-    hits = np.cumsum(ranked_relevant)
-    precision = hits / np.arange(1, len(ranked_relevant) + 1)
-    return float((precision * ranked_relevant).sum() / total_relevant)
 
 
 def evaluate(gallery: Gallery, method: str, queries: list[Path], batch: int = 32) -> dict[str, float]:
@@ -50,7 +42,7 @@ def evaluate(gallery: Gallery, method: str, queries: list[Path], batch: int = 32
             label = query.parent.name
             relevant = np.array([r.path.split("/")[0] == label for r in results], dtype=np.float64)
             short += len(results) < count
-            aps.append(average_precision(relevant, per_class.get(label, 0)))
+            aps.append(average_precision(relevant, None, per_class.get(label, 0)) or 0.0)
             top1.append(bool(relevant[:1].sum()))
     seconds = time.perf_counter() - started
     return {"mAP": float(np.mean(aps)), "R@1": float(np.mean(top1)), "query_s": seconds,

@@ -10,26 +10,19 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
+from conftest import shared_path  # noqa: F401  (re-exported for the test modules)
 from PIL import Image
+
+from lens import metrics
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 #: textured photos shipped with scikit-image (CC0); ``colorwheel`` is left out: SIFT finds
 #: (almost) no keypoints on smooth colour gradients
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "brick", "gravel",
           "immunohistochemistry", "page", "moon", "text", "hubble_deep_field", "grass"]
 MAX_SIDE = 320  #: photos are written at most this big (keeps the tests fast)
-
-
-def shared_path(*parts: str) -> Path:
-    """A path inside ../shared, or skip the test with the reason when it is not there."""
-    path = SHARED.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"needs {path} (../shared data is not present on this machine)")
-    return path
 
 
 def photo(name: str) -> Image.Image:
@@ -76,9 +69,4 @@ VARIANTS: dict[str, Callable[[Image.Image], Image.Image]] = {
 
 def average_precision(ranked: list[str], relevant: set[str]) -> float:
     """AP of one ranking (INRIA Holidays protocol: the query itself already removed)."""
-    hits, total = 0, 0.0
-    for position, name in enumerate(ranked, start=1):
-        if name in relevant:
-            hits += 1
-            total += hits / position
-    return total / len(relevant) if relevant else 0.0
+    return metrics.average_precision([name in relevant for name in ranked], None, len(relevant)) or 0.0
