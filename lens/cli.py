@@ -322,8 +322,7 @@ def _run_eval(args: argparse.Namespace) -> int:
                                                data_seen=seen))
             except LensError as exc:
                 logging.getLogger("lens").warning("%s: %s", method, exc)
-                results.append(MethodResult(method, float("nan"), {}, 0, 0, float("nan"), float("nan"),
-                                            float("nan"), 0.0, 0, 0, "", None, "", "", "", "", error=str(exc)))
+                results.append(MethodResult.failed(method, str(exc)))
     print(text_table(results))
     config = {"methods": methods, "top": args.top, "backbone": args.backbone, "index": args.index_spec, "detect": args.detect,
               "detector": args.detector if args.detect else None, "max_queries": args.max_queries,

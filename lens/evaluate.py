@@ -64,6 +64,11 @@ class MethodResult:
     error: str | None = None
     rankings: list[Ranking] = field(default_factory=list, repr=False)
 
+    @classmethod
+    def failed(cls, method: str, error: str) -> MethodResult:
+        nan = float("nan")
+        return cls(method, nan, {}, 0, 0, nan, nan, nan, 0.0, 0, 0, "", None, "", "", "", "", error=error)
+
     def summary(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("rankings")

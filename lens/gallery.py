@@ -227,7 +227,7 @@ class Gallery:
                         per_item.append(embedded.prepared[new_rows[item.path]])
             if not kept:
                 raise LensError(f"none of the {len(items)} images in '{self.root}' could be read")
-            vectors = np.stack(rows).astype(embedded.vectors.dtype if len(embedded.vectors) else rows[0].dtype)
+            vectors = np.stack(rows)  # cached and new rows come from the same method: one dtype
             index = create_index(index_spec or previous_spec or DEFAULT_INDEX, info.dim, info.metric)
             index.build(vectors)
             skipped = [(p.relative_to(self.root).as_posix(), why) for p, why in embedded.skipped]

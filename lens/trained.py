@@ -34,6 +34,17 @@ CONFIG = "config.json"
 MANIFEST = "manifest.json"
 
 
+def model_folder(kind: str, spec: str, model: str | None) -> str:
+    """The folder a trained method loads: ``model``, or the path in ``kind:PATH``; else say what to run."""
+    folder = model or spec.partition(":")[2]
+    if not folder:
+        raise ModelLoadError(
+            f"method '{kind}' needs a trained model: run `lens train {kind} GALLERY` and search that "
+            f"gallery, or pass --model {kind}=PATH"
+        )
+    return folder
+
+
 def replace_atomically(path: Path, write: Any) -> None:
     """Call ``write(temporary_path)``, then move the result onto ``path`` in one step."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ from lens.errors import LensError, ModelLoadError
 from lens.methods import register_method
 from lens.methods.base import BaseMethod, MethodInfo, l2_normalise
 from lens.train import TrainReport, TrainSettings, load_all, load_trainable, train_and_save, training_data
-from lens.trained import fingerprint, load_model
+from lens.trained import fingerprint, load_model, model_folder
 
 KIND = "autoencoder"
 DEFAULTS = TrainSettings(epochs=20, batch_size=32, lr=1e-3, patience=3)
@@ -99,13 +99,7 @@ class AutoencoderMethod(BaseMethod):
 @register_method(KIND, trained=True)
 @register_method(KIND, prefix=True)
 def _factory(spec: str, model: str | None = None, **options: Any) -> AutoencoderMethod:
-    folder = model or spec.partition(":")[2]
-    if not folder:
-        raise ModelLoadError(
-            f"method '{KIND}' needs a trained model: run `lens train {KIND} GALLERY` and search that "
-            f"gallery, or pass --model {KIND}=PATH"
-        )
-    return AutoencoderMethod(spec, folder, **options)
+    return AutoencoderMethod(spec, model_folder(KIND, spec, model), **options)
 
 
 class _Reconstruction:

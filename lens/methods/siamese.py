@@ -59,7 +59,7 @@ from lens.train import (
     train_and_save,
     training_data,
 )
-from lens.trained import fingerprint, load_model, save_tensors
+from lens.trained import fingerprint, load_model, model_folder, save_tensors
 
 log = logging.getLogger("lens")
 
@@ -202,13 +202,7 @@ class BranchMethod(BaseMethod):
 
 def _factory_for(kind: str):
     def factory(spec: str, model: str | None = None, **options: Any) -> BranchMethod:
-        folder = model or spec.partition(":")[2]
-        if not folder:
-            raise ModelLoadError(
-                f"method '{kind}' needs a trained model: run `lens train {kind} GALLERY --backbone ...` and "
-                f"search that gallery, or pass --model {kind}=PATH"
-            )
-        return BranchMethod(spec, folder, kind, **options)
+        return BranchMethod(spec, model_folder(kind, spec, model), kind, **options)
 
     return factory
 
