@@ -26,7 +26,7 @@ from lens import Gallery, LensError, load_image  # noqa: E402
 from lens.gallery import SCORE_LABELS  # noqa: E402
 from lens.detect import Box, list_detectors  # noqa: E402
 from lens.draw import draw_boxes  # noqa: E402
-from lens.images import MAX_BYTES  # noqa: E402
+from lens.images import MAX_BYTES, ImageError  # noqa: E402
 from lens.samples import write_sample_gallery  # noqa: E402
 from lens.service import LensService, Outcome  # noqa: E402
 
@@ -73,8 +73,27 @@ def readable(fn: Callable) -> Callable:
     return wrapper
 
 
+class PhotoInput(gr.Image):
+    """``gr.Image`` that hands the uploaded file to lens unopened.
+
+    A plain ``gr.Image`` decodes uploads with PIL itself, so an unreadable file, a decompression bomb
+    or an odd pixel mode fails inside Gradio with a bare "Error". Here :func:`lens.load_image` decodes
+    it (EXIF orientation, every pixel mode, size limits) and says what is wrong.
+    """
+
+    is_template = True  # rendered by the browser as the Image component it extends
+
+    def preprocess(self, payload: Any) -> Any:
+        if payload is not None and payload.path and not (payload.url or "").startswith("data:"):
+            return payload.path
+        return super().preprocess(payload)  # data: URLs (and None) as gr.Image does
+
+
 def _load(file: Any) -> Image.Image:
+    """Decode an upload; errors name the file as the user knows it, never the server's temporary path."""
     path = file["path"] if isinstance(file, dict) else getattr(file, "path", file)
+    if isinstance(path, (str, os.PathLike)):
+        return load_image(path, name=Path(path).name)
     return load_image(path)
 
 
@@ -92,10 +111,14 @@ def build_app(service: LensService) -> gr.Blocks:
 
     # -- UI events ---------------------------------------------------------------------------------
     @readable
-    def on_photo(image: Image.Image | None, detector: str, threshold: float):
-        if image is None:
+    def on_photo(photo: Image.Image | str | None, detector: str, threshold: float):
+        if photo is None:
             return None, [], gr.update(choices=[WHOLE], value=WHOLE), None
-        image = load_image(image)
+        try:
+            image = _load(photo)
+        except ImageError as exc:  # clear the previous photo's boxes and results: they would look like answers
+            gr.Warning(str(exc), title="Cannot use this photo")
+            return None, [], gr.update(choices=[WHOLE], value=WHOLE), None
         boxes: list[Box] = []
         try:
             boxes = service.detect(image, detector, threshold)
@@ -186,7 +209,7 @@ def build_app(service: LensService) -> gr.Blocks:
         boxes = gr.State([])
         with gr.Row(equal_height=False):
             with gr.Column(scale=5):
-                upload = gr.Image(label="Your photo", type="pil", sources=["upload", "clipboard", "webcam"],
+                upload = PhotoInput(label="Your photo", type="pil", sources=["upload", "clipboard", "webcam"],
                                   height=200, elem_id="lens-upload")
                 view = gr.Image(label="Click a box to choose the subject", interactive=False,
                                 elem_id="lens-view", height=420, buttons=["fullscreen"])

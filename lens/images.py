@@ -39,10 +39,14 @@ class ImageError(LensError, ValueError):
 
 
 def load_image(
-    source: ImageSource, *, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_BYTES
+    source: ImageSource, *, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_BYTES, name: str | None = None
 ) -> Image.Image:
-    """Decode ``source`` (a path, raw bytes, a PIL image or an HxWxC uint8 array) to an RGB image."""
-    name = _describe(source)
+    """Decode ``source`` (a path, raw bytes, a PIL image or an HxWxC uint8 array) to an RGB image.
+
+    ``name``: what error messages call the image (default: its path); e.g. an upload's own file name
+    rather than the server's temporary path.
+    """
+    name = f"'{name}'" if name else _describe(source)
     if isinstance(source, Image.Image):
         image = source
     elif isinstance(source, np.ndarray):
@@ -153,15 +157,28 @@ def iter_image_files(root: Union[str, os.PathLike], *, exclude: tuple[Path, ...]
 
 
 def crop(image: Image.Image, box: tuple[float, float, float, float] | None) -> Image.Image:
-    """Crop ``image`` to ``box`` = (x1, y1, x2, y2) in pixels; ``None`` keeps the whole image."""
+    """Crop ``image`` to ``box`` = (x1, y1, x2, y2) in pixels; ``None`` keeps the whole image.
+
+    The box is clamped to the image; one smaller than a pixel (on a tiny image) keeps the pixel it
+    covers. A box with no area inside the image is an :class:`ImageError`.
+    """
     if box is None:
         return image
     x1, y1, x2, y2 = (float(v) for v in box)
     width, height = image.size
     cx1, cy1 = max(0.0, min(x1, x2)), max(0.0, min(y1, y2))
     cx2, cy2 = min(float(width), max(x1, x2)), min(float(height), max(y1, y2))
-    if cx2 - cx1 < 1 or cy2 - cy1 < 1:
+    if not (cx2 > cx1 and cy2 > cy1):
         raise ImageError(
             f"box {x1:g},{y1:g},{x2:g},{y2:g} has no area inside the {width}x{height} image"
         )
-    return image.crop((round(cx1), round(cy1), round(cx2), round(cy2)))
+
+    def span(low: float, high: float, size: int) -> tuple[int, int]:
+        start, stop = round(low), round(high)
+        if stop <= start:  # under a pixel wide: the pixel under its centre
+            start = min(int((low + high) / 2), size - 1)
+            stop = start + 1
+        return start, stop
+
+    (left, right), (top, bottom) = span(cx1, cx2, width), span(cy1, cy2, height)
+    return image.crop((left, top, right, bottom))

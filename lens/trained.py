@@ -59,10 +59,6 @@ def replace_atomically(path: Path, write: Any) -> None:
         raise
 
 
-def write_json(path: Path, data: Any) -> None:
-    replace_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
-
-
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write tensors (copied to contiguous CPU memory) as one safetensors file, atomically."""
     plain = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
@@ -78,11 +74,32 @@ def fingerprint(tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> str
 
 def save_model(folder: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any],
                manifest: dict[str, Any]) -> str:
-    """Write a model folder; returns the weights fingerprint (also recorded in the manifest)."""
+    """Write a model folder; returns the weights fingerprint (also recorded in the manifest).
+
+    The three files are written in full under temporary names first, then moved into place one after
+    the other, so a crash leaves the previous model (or, in the instant between the moves, a folder
+    whose manifest does not match, which :func:`load_model` refuses) and never half a file.
+    """
     weights = fingerprint(tensors, config)
-    write_json(folder / CONFIG, config)
-    save_tensors(folder / MODEL, tensors)
-    write_json(folder / MANIFEST, {**manifest, "weights": weights})
+    folder.mkdir(parents=True, exist_ok=True)
+    plain = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+    writers = {
+        MODEL: lambda tmp: save_file(plain, tmp),
+        CONFIG: lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"),
+        MANIFEST: lambda tmp: Path(tmp).write_text(json.dumps({**manifest, "weights": weights}, indent=2) + "\n"),
+    }
+    staged: dict[str, str] = {}
+    try:
+        for name, write in writers.items():
+            handle, staged[name] = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+            os.close(handle)
+            write(staged[name])
+            os.chmod(staged[name], 0o644)
+        for name in writers:  # the manifest last: it vouches for the other two
+            os.replace(staged.pop(name), folder / name)
+    finally:
+        for temporary in staged.values():
+            Path(temporary).unlink(missing_ok=True)
     return weights
 
 
@@ -103,5 +120,14 @@ def load_model(folder: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], 
         raise ModelLoadError(
             f"'{folder}' holds a '{config.get('kind')}' model, not a '{kind}' model; "
             f"use it as method '{config.get('kind')}'"
+        )
+    try:
+        recorded = json.loads((folder / MANIFEST).read_text()).get("weights")
+    except (OSError, ValueError):
+        recorded = None  # a hand-made folder without a manifest is fine
+    if recorded and recorded != fingerprint(tensors, config):
+        raise ModelLoadError(
+            f"the files in '{folder}' come from different training runs (was a run killed while saving?); "
+            f"train again with `lens train {kind} GALLERY --out {folder}`"
         )
     return tensors, config

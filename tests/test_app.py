@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+from bad_inputs import bad_input_corpus
 from conftest import REPO, write_gallery
 from PIL import Image
 
@@ -130,3 +131,42 @@ def test_thumbnails_never_leave_the_gallery(served, tmp_path):
                 service.thumbnail(SearchResult(1, path, 1.0, Path(path)))
     finally:
         link.unlink()
+
+
+def test_every_bad_input_upload_gets_results_or_a_readable_error(served, tmp_path):
+    from gradio_client import handle_file
+
+    client, _ = served
+    expect = bad_input_corpus(tmp_path)
+    for name, ok in expect.items():
+        upload = handle_file(str(tmp_path / name))
+        if ok:
+            detected = client.predict(upload, "", 0.25, api_name="/detect")
+            assert len(detected["boxes"]) == 2, name
+            answer = client.predict(upload, "resnet50", 3, detected["boxes"][0], api_name="/search")
+            assert answer["error"] is None and len(answer["results"]) == 3, name
+        else:
+            for call in (lambda: client.predict(upload, "", 0.25, api_name="/detect"),
+                         lambda: client.predict(upload, "resnet50", 3, None, api_name="/search")):
+                with pytest.raises(Exception) as caught:
+                    call()
+                message = str(caught.value)
+                # the user's file name, never the server's temporary folder
+                assert f"'{name}'" in message and "/tmp" not in message and "Traceback" not in message, message
+    rotated = client.predict(handle_file(str(tmp_path / "rotated.jpg")), "", 0.25, api_name="/detect")
+    assert rotated["size"] == [48, 64]  # EXIF orientation applied
+    answer = client.predict(handle_file(str(EXAMPLE)), "vit", 2, None, api_name="/search")
+    assert len(answer["results"]) == 2  # and the app still serves
+
+
+def test_the_upload_widget_hands_files_to_lens_unopened(tmp_path):
+    """The photo input must not decode uploads itself: lens does, and explains what is wrong."""
+    import app
+    from gradio.data_classes import ImageData
+
+    expect = bad_input_corpus(tmp_path)
+    widget = app.PhotoInput(type="pil")
+    assert widget.get_block_name() == "image"  # the browser renders it as gr.Image
+    for name in expect:
+        assert widget.preprocess(ImageData(path=str(tmp_path / name), orig_name=name)) == str(tmp_path / name)
+    assert widget.preprocess(None) is None

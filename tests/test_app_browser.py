@@ -17,6 +17,7 @@ import time
 import urllib.request
 
 import pytest
+from bad_inputs import bad_input_corpus
 from conftest import REPO, shared_path
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -74,7 +75,7 @@ def _image_point(page, selector: str, x: float, y: float, size: tuple[int, int])
     return left + x * scale, top + y * scale
 
 
-def test_click_a_box_switch_method_and_see_results(app_url):
+def test_click_a_box_switch_method_and_see_results(app_url, tmp_path):
     from gradio_client import Client, handle_file
     from playwright.sync_api import expect, sync_playwright
 
@@ -91,6 +92,8 @@ def test_click_a_box_switch_method_and_see_results(app_url):
     spoon = detected["boxes"][labels.index("spoon")]["box"]
     table = detected["boxes"][labels.index("dining table")]["box"]
     size = tuple(detected["size"])
+    corpus = tmp_path / "bad"
+    bad_input_corpus(corpus)
 
     with sync_playwright() as p:
         browser = p.chromium.launch(
@@ -126,4 +129,15 @@ def test_click_a_box_switch_method_and_see_results(app_url):
 
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "app-e2e.png"), full_page=True)
+
+        # bad uploads: a readable message, the previous photo's results are cleared, the app goes on
+        upload = page.locator("#lens-upload input[type=file]")
+        for name, message in [("text.jpg", "'text.jpg' is not an image lens can read"),
+                              ("bomb.png", "'bomb.png' is refused as a possible decompression bomb")]:
+            upload.set_input_files(str(corpus / name))
+            expect(page.locator(".toast-body").filter(has_text=message).first).to_be_visible(timeout=60_000)
+            expect(page.locator("#lens-results img")).to_have_count(0, timeout=30_000)
+            expect(info).to_contain_text("Upload a photo", timeout=30_000)
+        upload.set_input_files(str(EXAMPLE))
+        expect(info).to_contain_text("vit: 8 results for cup", timeout=60_000)
         browser.close()

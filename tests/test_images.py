@@ -97,6 +97,9 @@ def test_crop_clamps_to_the_image_and_refuses_empty_boxes():
         crop(image, (10, 10, 10, 40))
     with pytest.raises(ImageError, match="no area"):
         crop(image, (200, 10, 300, 40))
+    # a box under a pixel wide, as on a 1x1 upload, keeps the pixel it covers
+    assert crop(Image.new("RGB", (1, 1)), (0, 0, 0.5, 1)).size == (1, 1)
+    assert crop(image, (20.2, 5, 20.4, 9)).size == (1, 4)
 
 
 def test_folder_scan_is_recursive_sorted_and_skips_hidden(tmp_path):

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -13,6 +17,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from conftest import REPO  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
@@ -180,6 +185,49 @@ def test_resumed_run_ends_with_the_same_model_as_an_uninterrupted_one(shapes, ti
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.weights == whole.weights
     assert not (out / CHECKPOINT).exists()  # a finished run leaves only the model
+
+
+def test_kill_9_during_training_keeps_the_previous_model_and_the_run_resumes(shapes, tiny_backbone, tmp_path):
+    out = tmp_path / "model"
+    common = ["train", "siamese", str(shapes), "--backbone", tiny_backbone, "--batch-size", "8",
+              "--out", str(out), "--quiet"]
+    assert main([*common, "--epochs", "2"]) == 0
+    before = create_method("siamese", model=str(out)).info.weights
+    files = {name: (out / name).read_bytes() for name in ("model.safetensors", "config.json", "manifest.json")}
+
+    # a second run into the same folder, far too long to finish, killed once it has checkpointed
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    run = subprocess.Popen([sys.executable, "-m", "lens", *common, "--epochs", "100000", "--patience", "0",
+                            "--lr", "0.01"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 180
+    while not (out / CHECKPOINT).exists():
+        assert run.poll() is None, run.stderr.read().decode()
+        assert time.time() < deadline, "no checkpoint after 180 s"
+        time.sleep(0.02)
+    run.send_signal(signal.SIGKILL)
+    assert run.wait(timeout=30) == -signal.SIGKILL
+
+    assert {name: (out / name).read_bytes() for name in files} == files  # the previous model, intact
+    assert create_method("siamese", model=str(out)).info.weights == before
+    # the killed run resumes from its last checkpoint and replaces the model when it finishes
+    resumed = [*common, "--epochs", "200", "--patience", "0", "--lr", "0.01", "--resume"]
+    with safe_open(str(out / CHECKPOINT), framework="pt") as handle:
+        done = json.loads(handle.metadata()["state"])["epoch"]
+    assert 1 <= done < 200
+    assert main(resumed) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["resumed_from_epoch"] == done and len(manifest["history"]) == 200
+    assert create_method("siamese", model=str(out)).info.weights == manifest["weights"] != before
+    assert not (out / CHECKPOINT).exists()
+
+
+def test_a_model_folder_mixed_from_two_runs_is_refused(shapes, tiny_backbone, tmp_path):
+    options = {"backbone": tiny_backbone, "dim": 8, "hidden": 32, "progress": False}
+    first = siamese.train(shapes, tmp_path / "a", FAST, **options)
+    siamese.train(shapes, tmp_path / "b", replace(FAST, lr=1e-2), **options)
+    (tmp_path / "b" / "model.safetensors").replace(tmp_path / "a" / "model.safetensors")  # a half-finished save
+    with pytest.raises(ModelLoadError, match="different training runs"):
+        create_method("siamese", model=str(first.folder))
 
 
 def test_early_stopping_keeps_the_best_epoch(shapes, tiny_backbone, tmp_path):

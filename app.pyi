@@ -1,0 +1,322 @@
+"""lens, the app: upload a photo, click the object you care about, see similar images.
+
+    python app.py                                  # the sample gallery (scikit-image photos)
+    python app.py --gallery ~/Pictures --methods vit,resnet50 --model vit=./weights/dinov2-small
+    python app.py --detector-weights ./yolov8n_int8.tflite
+
+Every action calls the lens library (lens.service.LensService); this file only lays out the page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("YOLO_OFFLINE", "1")  # never pip-install or phone home from the server
+os.environ.setdefault("YOLO_AUTOINSTALL", "0")
+
+import gradio as gr  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from lens import Gallery, LensError, load_image  # noqa: E402
+from lens.gallery import SCORE_LABELS  # noqa: E402
+from lens.detect import Box, list_detectors  # noqa: E402
+from lens.draw import draw_boxes  # noqa: E402
+from lens.images import MAX_BYTES  # noqa: E402
+from lens.samples import write_sample_gallery  # noqa: E402
+from lens.service import LensService, Outcome  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+EXAMPLES = sorted(str(p) for p in (HERE / "examples").glob("*.jpg"))
+DEFAULT_METHODS = "vit,resnet50,sift,phash"
+WHOLE = "Whole image"
+CSS = """
+#lens-view img { cursor: crosshair; }
+.lens-note { color: var(--body-text-color-subdued); font-size: 0.9em; }
+"""
+
+
+# -- small translations between the library and the widgets -----------------------------------------
+def _choices(boxes: Sequence[Box]) -> list[str]:
+    return [WHOLE] + [f"{i + 1} · {box.label} ({box.score:.2f})" for i, box in enumerate(boxes)]
+
+
+def _selected(boxes: Sequence[Box], subject: str | None) -> int | None:
+    choices = _choices(boxes)
+    return choices.index(subject) - 1 if subject in choices and subject != WHOLE else None
+
+
+def _box_from(value: Any) -> Box | None:
+    """A box given to the API as [x1, y1, x2, y2] or as a box dict from /detect."""
+    if not value:
+        return None
+    if isinstance(value, dict):
+        return Box(*map(float, value["box"]), str(value.get("label", "")), float(value.get("score", 1.0)))
+    x1, y1, x2, y2 = map(float, value)
+    return Box(x1, y1, x2, y2, "region", 1.0)
+
+
+def readable(fn: Callable) -> Callable:
+    """Show lens errors to the user as they are (gradio hides other exceptions' messages)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except LensError as exc:
+            raise gr.Error(str(exc)) from None
+
+    return wrapper
+
+from gradio.events import Dependency
+
+class PhotoInput(gr.Image):
+    """``gr.Image`` that hands the uploaded file to lens unopened.
+
+    A plain ``gr.Image`` decodes uploads with PIL itself, so an unreadable file, a decompression bomb
+    or an odd pixel mode fails inside Gradio with a bare "Error". Here :func:`lens.load_image` decodes
+    it (EXIF orientation, every pixel mode, size limits) and says what is wrong.
+    """
+
+    is_template = True  # rendered by the browser as the Image component it extends
+
+    def preprocess(self, payload: Any) -> Any:
+        if payload is not None and payload.path and not (payload.url or "").startswith("data:"):
+            return payload.path
+        return super().preprocess(payload)
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component  # data: URLs (and None) as gr.Image does
+
+
+def _load(file: Any) -> Image.Image:
+    """Decode an upload; errors name the file as the user knows it, never the server's temporary path."""
+    path = file["path"] if isinstance(file, dict) else getattr(file, "path", file)
+    if isinstance(path, (str, os.PathLike)):
+        return load_image(path, name=Path(path).name)
+    return load_image(path)
+
+
+def build_app(service: LensService) -> gr.Blocks:
+    gallery = service.gallery
+
+    def caption(outcome: Outcome) -> list[tuple[str, str]]:
+        items = []
+        for r in outcome.results:
+            try:
+                items.append((str(service.thumbnail(r)), f"#{r.rank} · {r.score_text} · {Path(r.path).name}"))
+            except (LensError, OSError) as exc:
+                gr.Warning(f"cannot show {r.path}: {exc}")
+        return items
+
+    # -- UI events ---------------------------------------------------------------------------------
+    @readable
+    def on_photo(photo: Image.Image | str | None, detector: str, threshold: float):
+        if photo is None:
+            return None, [], gr.update(choices=[WHOLE], value=WHOLE), None
+        image = _load(photo)
+        boxes: list[Box] = []
+        try:
+            boxes = service.detect(image, detector, threshold)
+        except LensError as exc:
+            gr.Warning(f"Detector unavailable ({exc}); searching the whole image.")
+        if not boxes:
+            gr.Info("No objects found: searching the whole image.")
+        main = service.main_subject_index(boxes, image.size)
+        subject = _choices(boxes)[main + 1] if main is not None else WHOLE
+        return image, boxes, gr.update(choices=_choices(boxes), value=subject), draw_boxes(image, boxes, main)
+
+    def on_click(boxes: list[Box], subject: str, event: gr.SelectData):
+        x, y = event.index
+        hit = service.box_at(boxes, x, y)
+        return _choices(boxes)[hit + 1] if hit is not None else WHOLE
+
+    @readable
+    def on_search(image: Image.Image | None, boxes: list[Box], subject: str, method: str | None, k: int):
+        if image is None:
+            return None, None, [], "Upload a photo or pick an example to start."
+        selected = _selected(boxes, subject)
+        box = boxes[selected] if selected is not None else None
+        view = draw_boxes(image, boxes, selected)
+        crop = service.subject_image(image, box)
+        if not method:
+            return view, crop, [], "No method is ready yet: see the status below."
+        outcome = service.search(image, method, int(k), box)
+        what = box.label if box is not None else "the whole image"
+        kind = outcome.results[0].kind if outcome.results else "cosine"
+        note = (f"**{method}**: {len(outcome.results)} results for *{what}* in {outcome.seconds * 1000:.0f} ms "
+                f"(score: {SCORE_LABELS.get(kind, kind)})")
+        return view, crop, caption(outcome), note
+
+    @readable
+    def on_compare(image: Image.Image | None, boxes: list[Box], subject: str, k: int):
+        if image is None:
+            raise gr.Error("Upload a photo first.")
+        selected = _selected(boxes, subject)
+        outcomes = {o.method: o for o in service.compare(image, int(k), boxes[selected] if selected is not None else None)}
+        rows = [[o.method, round(o.seconds * 1000, 1), Path(o.results[0].path).name if o.results else "",
+                 o.results[0].score_text if o.results else "", o.error or ""] for o in outcomes.values()]
+        galleries = [gr.update(value=caption(outcomes[m]) if m in outcomes else [],
+                               label=f"{m}: {outcomes[m].seconds * 1000:.0f} ms" if m in outcomes else f"{m}: not ready")
+                     for m in service.methods]
+        return [rows, *galleries]
+
+    def on_status():
+        ready = service.ready_methods()
+        building = any(s.status in ("queued", "building") for s in service.states())
+        return service.status_markdown(), gr.update(choices=ready), gr.Timer(active=building)
+
+    def on_load(current: str | None):
+        ready = service.ready_methods()
+        value = current if current in ready else (ready[0] if ready else None)
+        return gr.update(choices=ready, value=value), service.status_markdown()
+
+    # -- API endpoints (stateless, JSON; used by gradio_client and scripts) -----------------------
+    @readable
+    def api_detect(image: gr.FileData, detector: str = "", threshold: float = 0.25) -> dict:
+        picture = _load(image)
+        boxes = service.detect(picture, detector or None, threshold)
+        return {"size": list(picture.size), "boxes": [b.as_dict() for b in boxes],
+                "main_subject": service.main_subject_index(boxes, picture.size)}
+
+    @readable
+    def api_pick(boxes: list[dict], x: float, y: float) -> int | None:
+        return service.box_at([_box_from(b) for b in boxes], x, y)
+
+    @readable
+    def api_search(image: gr.FileData, method: str, k: int = 10, box: list[float] | None = None) -> dict:
+        outcome = service.search(_load(image), method, int(k), _box_from(box))
+        return _outcome_json(outcome)
+
+    @readable
+    def api_compare(image: gr.FileData, k: int = 5, box: list[float] | None = None) -> list[dict]:
+        return [_outcome_json(o) for o in service.compare(_load(image), int(k), _box_from(box))]
+
+    def api_methods() -> list[dict]:
+        return [{"name": s.name, "status": s.status, "detail": s.detail} for s in service.states()]
+
+    # -- layout ------------------------------------------------------------------------------------
+    with gr.Blocks(title="lens: find similar images") as demo:
+        gr.Markdown(
+            f"# lens\nUpload a photo, **click the object** you are interested in (or keep the whole "
+            f"image), and find the most similar pictures in the gallery **{gallery.name}**."
+        )
+        original = gr.State(None)
+        boxes = gr.State([])
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=5):
+                upload = PhotoInput(label="Your photo", type="pil", sources=["upload", "clipboard", "webcam"],
+                                  height=200, elem_id="lens-upload")
+                view = gr.Image(label="Click a box to choose the subject", interactive=False,
+                                elem_id="lens-view", height=420, buttons=["fullscreen"])
+                subject = gr.Radio([WHOLE], value=WHOLE, label="Subject", elem_id="lens-subject")
+                with gr.Accordion("Detector", open=False):
+                    detector = gr.Dropdown(list_detectors(), value=service.detector, label="Detector")
+                    threshold = gr.Slider(0.05, 0.95, value=0.25, step=0.05, label="Score threshold")
+                if EXAMPLES:
+                    gr.Examples(EXAMPLES, inputs=upload, label="Examples")
+            with gr.Column(scale=7):
+                with gr.Tab("Search"):
+                    with gr.Row():
+                        method = gr.Dropdown(service.ready_methods(), label="Method", elem_id="lens-method",
+                                             info="Only methods with a ready index are listed.")
+                        k = gr.Slider(1, 30, value=8, step=1, label="Results (k)")
+                    crop = gr.Image(label="Searching for", interactive=False, height=160)
+                    info = gr.Markdown("Upload a photo or pick an example to start.", elem_id="lens-info")
+                    results = gr.Gallery(label="Most similar", columns=4, height="auto", elem_id="lens-results")
+                with gr.Tab("Compare methods"):
+                    compare_button = gr.Button("Compare every ready method", variant="primary")
+                    table = gr.Dataframe(headers=["method", "latency (ms)", "top result", "top score", "error"],
+                                         interactive=False, elem_id="lens-compare")
+                    compare_galleries = [gr.Gallery(label=m, columns=8, height=160, preview=False)
+                                         for m in service.methods]
+                with gr.Accordion("Methods and indexes", open=True):
+                    status = gr.Markdown(service.status_markdown(), elem_id="lens-status")
+        timer = gr.Timer(2.0)
+
+        search_inputs = [original, boxes, subject, method, k]
+        search_outputs = [view, crop, results, info]
+        quiet: dict[str, Any] = {"api_visibility": "private"}
+        upload.change(on_photo, [upload, detector, threshold], [original, boxes, subject, view],
+                      concurrency_limit=2, **quiet
+                      ).then(on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)
+        for trigger in (detector.change, threshold.release):
+            trigger(on_photo, [original, detector, threshold], [original, boxes, subject, view],
+                    concurrency_limit=2, **quiet
+                    ).then(on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)
+        view.select(on_click, [boxes, subject], subject, **quiet
+                    ).then(on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)
+        for trigger in (subject.input, method.change, k.release):
+            trigger(on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)
+        compare_button.click(on_compare, [original, boxes, subject, k], [table, *compare_galleries],
+                             concurrency_limit=2, **quiet)
+        timer.tick(on_status, None, [status, method, timer], **quiet)
+        demo.load(on_load, method, [method, status], **quiet)
+
+        gr.api(api_detect, api_name="detect", concurrency_limit=2)
+        gr.api(api_pick, api_name="pick")
+        gr.api(api_search, api_name="search", concurrency_limit=4)
+        gr.api(api_compare, api_name="compare", concurrency_limit=2)
+        gr.api(api_methods, api_name="methods")
+    demo.queue(max_size=64, default_concurrency_limit=2)
+    return demo
+
+
+def _outcome_json(outcome: Outcome) -> dict:
+    return {
+        "method": outcome.method,
+        "seconds": round(outcome.seconds, 4),
+        "error": outcome.error,
+        # "image" (not "path": gradio_client would take the dict for a file to download)
+        "results": [{"rank": r.rank, "image": r.path, "score": round(r.score, 6), "score_kind": r.kind}
+                    for r in outcome.results],
+    }
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="lens: photo in, similar images out (web app)")
+    parser.add_argument("--gallery", help="folder of images to search (default: the sample gallery, "
+                                          "scikit-image's photos, written to ./sample-gallery)")
+    parser.add_argument("--index-dir", help="where the indexes live (default: indexes/<gallery name>)")
+    parser.add_argument("--methods", default=os.environ.get("LENS_METHODS", DEFAULT_METHODS),
+                        help="comma-separated methods to serve (default: %(default)s)")
+    parser.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
+                        help="weights for a method: hub id or local folder (repeatable)")
+    parser.add_argument("--detector", default="yolo", choices=list_detectors())
+    parser.add_argument("--detector-weights", help="detector weights file (default: the detector's own)")
+    parser.add_argument("--no-build", action="store_true", help="do not build missing indexes at start-up")
+    parser.add_argument("--host", default=None, help="address to listen on (default: 127.0.0.1, or "
+                                                    "GRADIO_SERVER_NAME)")
+    parser.add_argument("--port", type=int, default=None, help="port (default: 7860, or GRADIO_SERVER_PORT)")
+    return parser.parse_args(argv)
+
+
+def create_service(args: argparse.Namespace) -> LensService:
+    from lens.cli import _parse_models
+
+    root = Path(args.gallery) if args.gallery else write_sample_gallery(HERE / "sample-gallery")
+    gallery = Gallery(root, args.index_dir, models=_parse_models(args.model))
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    service = LensService(gallery, methods, detector=args.detector, detector_weights=args.detector_weights)
+    service.start(background=True, build_missing=not args.no_build)
+    return service
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    service = create_service(args)
+    demo = build_app(service)
+    demo.launch(
+        server_name=args.host, server_port=args.port, css=CSS, theme=gr.themes.Soft(),
+        allowed_paths=[str(service.thumbnail_dir.resolve())], max_file_size=MAX_BYTES,
+    )
+
+
+if __name__ == "__main__":
+    main()
