@@ -73,20 +73,25 @@ def readable(fn: Callable) -> Callable:
     return wrapper
 
 
-class PhotoInput(gr.Image):
-    """``gr.Image`` that hands the uploaded file to lens unopened.
+def photo_input(**options: Any) -> gr.Image:
+    """A ``gr.Image`` that hands the uploaded file to lens unopened.
 
     A plain ``gr.Image`` decodes uploads with PIL itself, so an unreadable file, a decompression bomb
     or an odd pixel mode fails inside Gradio with a bare "Error". Here :func:`lens.load_image` decodes
-    it (EXIF orientation, every pixel mode, size limits) and says what is wrong.
+    it (EXIF orientation, every pixel mode, size limits) and says what is wrong. (The instance's
+    ``preprocess`` is replaced rather than subclassed: Gradio writes a ``.pyi`` stub next to the source
+    of every component subclass.)
     """
+    widget = gr.Image(**options)
+    decode = widget.preprocess
 
-    is_template = True  # rendered by the browser as the Image component it extends
-
-    def preprocess(self, payload: Any) -> Any:
+    def preprocess(payload: Any) -> Any:
         if payload is not None and payload.path and not (payload.url or "").startswith("data:"):
             return payload.path
-        return super().preprocess(payload)  # data: URLs (and None) as gr.Image does
+        return decode(payload)  # data: URLs (and None) as gr.Image does
+
+    widget.preprocess = preprocess  # type: ignore[method-assign]
+    return widget
 
 
 def _load(file: Any) -> Image.Image:
@@ -209,7 +214,7 @@ def build_app(service: LensService) -> gr.Blocks:
         boxes = gr.State([])
         with gr.Row(equal_height=False):
             with gr.Column(scale=5):
-                upload = PhotoInput(label="Your photo", type="pil", sources=["upload", "clipboard", "webcam"],
+                upload = photo_input(label="Your photo", type="pil", sources=["upload", "clipboard", "webcam"],
                                   height=200, elem_id="lens-upload")
                 view = gr.Image(label="Click a box to choose the subject", interactive=False,
                                 elem_id="lens-view", height=420, buttons=["fullscreen"])

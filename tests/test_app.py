@@ -165,8 +165,7 @@ def test_the_upload_widget_hands_files_to_lens_unopened(tmp_path):
     from gradio.data_classes import ImageData
 
     expect = bad_input_corpus(tmp_path)
-    widget = app.PhotoInput(type="pil")
-    assert widget.get_block_name() == "image"  # the browser renders it as gr.Image
+    widget = app.photo_input(type="pil")
     for name in expect:
         assert widget.preprocess(ImageData(path=str(tmp_path / name), orig_name=name)) == str(tmp_path / name)
     assert widget.preprocess(None) is None
