@@ -26,7 +26,7 @@ from filelock import FileLock
 from lens.embedding import embed_files
 from lens.errors import CorruptIndexError, IndexNotFoundError, LensError
 from lens.images import ImageSource, crop, iter_image_files, load_image
-from lens.index import DEFAULT_INDEX, create_index, rerank_exact
+from lens.index import DEFAULT_INDEX, create_index, default_index, rerank_exact
 from lens.methods import Method, create_method, is_trained, method_slug
 from lens.methods.base import LearnsFromGallery, Reranks
 from lens.store import Item, StoredIndex, live_build, open_build, publish, read_manifest
@@ -228,7 +228,9 @@ class Gallery:
             if not kept:
                 raise LensError(f"none of the {len(items)} images in '{self.root}' could be read")
             vectors = np.stack(rows)  # cached and new rows come from the same method: one dtype
-            index = create_index(index_spec or previous_spec or DEFAULT_INDEX, info.dim, info.metric)
+            # an index asked for (now or by an earlier build) is kept; else one that suits the size
+            chosen = index_spec or previous_spec
+            index = create_index(chosen or default_index(len(vectors), info.metric), info.dim, info.metric)
             index.build(vectors)
             skipped = [(p.relative_to(self.root).as_posix(), why) for p, why in embedded.skipped]
             folder = publish(
@@ -239,6 +241,7 @@ class Gallery:
                     "reused": len(kept) - len(embedded.paths),
                     "skipped": skipped,
                     "seconds": round(time.perf_counter() - started, 3),
+                    "index_given": chosen is not None,
                 },
                 write_extra=(lambda folder: method.save_state(folder, per_item)) if keeps_items else None,
             )
@@ -276,13 +279,13 @@ class Gallery:
             if (manifest.get("weights"), manifest.get("dim")) != (method.info.weights, method.info.dim):
                 log.warning("%s: model changed since the last build; embedding every image again",
                             method.info.name)
-                return {}, none, manifest.get("index")
+                return {}, none, _given_spec(manifest)
             stored = open_build(method_dir, method.info, verify=True)
         except (LensError, KeyError) as exc:
             log.warning("%s: previous index unusable (%s); embedding every image again", method_dir, exc)
             return {}, none, None
         rows = {item: row for row, item in enumerate(stored.items)}
-        return rows, np.asarray(stored.vectors), stored.manifest["index"]
+        return rows, np.asarray(stored.vectors), _given_spec(stored.manifest)
 
     # -- searching -------------------------------------------------------------------------------
     def open(self, spec: str) -> StoredIndex:
@@ -376,6 +379,14 @@ class Gallery:
             ]
             for row_ids, row_scores in ranked
         ]
+
+
+def _given_spec(manifest: dict[str, Any]) -> str | None:
+    """The index spec of a build when it was asked for (kept by later builds); None when it was a default."""
+    given = manifest.get("build", {}).get("index_given")
+    if given is None:  # builds before the size-based default: only plain "annoy" was a default
+        given = manifest.get("index") != DEFAULT_INDEX
+    return manifest.get("index") if given else None
 
 
 def _rerank_count(rerank: Rerank, stored: StoredIndex, method: Method) -> int:

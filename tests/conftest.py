@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 # Tests never reach a model hub or pip: fail fast instead of retrying the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_AUTOINSTALL", "0")
+# ONNX exports of the tests' tiny models go to a fresh folder, not the user's cache.
+os.environ.setdefault("LENS_CACHE_DIR", tempfile.mkdtemp(prefix="lens-test-cache-"))
 
 from pathlib import Path  # noqa: E402
 

@@ -40,6 +40,7 @@ def test_preset_with_local_folder_matches_transformers_reference(request, fixtur
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     assert method.info.dim == expected.shape[1]
     assert method.info.metric == "cosine"
+    assert method.runtime == "onnxruntime"  # on CPU the forward pass runs in ONNX Runtime
 
 
 def test_hf_prefix_loads_any_local_backbone(tiny_resnet):
@@ -79,3 +80,41 @@ def test_method_slugs_are_folder_names():
     assert method_slug("resnet50") == "resnet50"
     assert method_slug("hf:facebook/dinov2-base") == "hf-facebook--dinov2-base"
     assert method_slug("hf:../shared/weights/efficientnet_lite0.in1k") == "hf-efficientnet_lite0.in1k"
+
+
+@pytest.mark.parametrize("fixture", ["tiny_resnet", "tiny_dinov2"])
+def test_onnx_runtime_and_pytorch_give_the_same_embeddings(request, fixture, monkeypatch, tmp_path):
+    from lens.methods.deep import HFBackbone
+    from lens.methods.runtime import cache_dir
+
+    monkeypatch.setenv("LENS_CACHE_DIR", str(tmp_path))
+    folder = str(request.getfixturevalue(fixture))
+    images = [make_picture(seed) for seed in range(3)]
+    fast, eager = HFBackbone("a", folder, runtime="onnx"), HFBackbone("b", folder, runtime="torch")
+    assert (fast.runtime, eager.runtime) == ("onnxruntime", "torch")
+    assert fast.info.weights == eager.info.weights  # indexes built with one are searched with the other
+    np.testing.assert_allclose(fast.embed(images), eager.embed(images), atol=1e-5)
+    [exported] = cache_dir().glob("*.onnx")
+    # exported once: a second load reuses the file; a damaged file is exported again
+    modified = exported.stat().st_mtime_ns
+    HFBackbone("c", folder, runtime="onnx")
+    assert exported.stat().st_mtime_ns == modified
+    exported.write_bytes(b"garbage")
+    again = HFBackbone("d", folder, runtime="onnx")
+    np.testing.assert_allclose(again.embed(images), eager.embed(images), atol=1e-5)
+
+
+def test_runtime_falls_back_to_pytorch_when_onnx_cannot_run(tiny_resnet, monkeypatch, caplog):
+    import lens.methods.deep as deep
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no exporter here")
+
+    monkeypatch.setattr(deep, "onnx_forward", broken)
+    method = deep.HFBackbone("resnet50", str(tiny_resnet))  # auto
+    assert method.runtime == "torch" and "no exporter here" in caplog.text
+    with pytest.raises(ModelLoadError, match="ONNX Runtime: no exporter here"):
+        deep.HFBackbone("resnet50", str(tiny_resnet), runtime="onnx")
+    monkeypatch.setenv("LENS_RUNTIME", "tensorrt")
+    with pytest.raises(ModelLoadError, match="LENS_RUNTIME must be one of"):
+        deep.HFBackbone("resnet50", str(tiny_resnet))

@@ -174,3 +174,21 @@ def test_several_methods_index_side_by_side(gallery_dir, tmp_path, tiny_resnet, 
     assert sorted(gallery.indexed_methods()) == ["resnet50", "vit"]
     for method in ("resnet50", "vit"):
         assert gallery.search(gallery_dir / "img003.png", method, k=1)[0].path == "img003.png"
+
+
+def test_large_galleries_get_hnsw_unless_an_index_was_asked_for(gallery, gallery_dir, monkeypatch):
+    import lens.index
+
+    monkeypatch.setattr(lens.index, "LARGE_GALLERY", 8)  # 12 images count as "large"
+    reports = gallery.index(["resnet50", "phash"], progress=False)
+    specs = {r.method: json.loads((r.folder / "manifest.json").read_text())["index"] for r in reports}
+    assert specs == {"resnet50": "faiss:HNSW32:efSearch=64", "phash": "annoy"}  # bit codes stay in Annoy
+    assert gallery.search(gallery_dir / "img000.jpg", "resnet50", k=1)[0].path == "img000.jpg"
+    monkeypatch.setattr(lens.index, "LARGE_GALLERY", 10_000)  # small again: the default follows the size
+    [report] = gallery.index(["resnet50"], progress=False)
+    assert json.loads((report.folder / "manifest.json").read_text())["index"] == "annoy"
+    # an index asked for is kept by later builds, whatever the size
+    gallery.index(["resnet50"], index_spec="faiss:Flat", progress=False)
+    monkeypatch.setattr(lens.index, "LARGE_GALLERY", 8)
+    [report] = gallery.index(["resnet50"], progress=False)
+    assert json.loads((report.folder / "manifest.json").read_text())["index"] == "faiss:Flat"

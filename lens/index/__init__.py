@@ -25,6 +25,7 @@ from lens.errors import LensError
 
 __all__ = [
     "DEFAULT_INDEX",
+    "default_index",
     "VectorIndex",
     "create_index",
     "list_backends",
@@ -35,9 +36,19 @@ __all__ = [
 ]
 
 DEFAULT_INDEX = "annoy"
+#: Above this many images a gallery's float vectors get an HNSW graph instead of Annoy by default: at
+#: 100k vectors Annoy's default search finds only 53-76% of the true 10 nearest neighbours, HNSW
+#: 99.8-100% and faster (docs/index-backends.md, docs/performance.md).
+LARGE_GALLERY = 10_000
+LARGE_INDEX = "faiss:HNSW32:efSearch=64"
 _BACKEND_MODULES = ["annoy_index", "faiss_index", "lsh_index"]
 _BACKENDS: dict[str, type[VectorIndex]] = {}
 _loaded = False
+
+
+def default_index(count: int, metric: str) -> str:
+    """The index spec a gallery of ``count`` vectors gets when none is asked for."""
+    return LARGE_INDEX if metric == "cosine" and count > LARGE_GALLERY else DEFAULT_INDEX
 
 
 @runtime_checkable

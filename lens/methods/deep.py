@@ -18,11 +18,14 @@ hf:<id|path>  any AutoModel image backbone        ``pooler_output`` when the mod
 ============  ==================================  =====================================================
 
 Every embedding is L2-normalised and compared by cosine similarity. Preprocessing is exactly the
-model's own image processor (``AutoImageProcessor``). Weights load once per process.
+model's own image processor (``AutoImageProcessor``). Weights load once per process. On CPU the forward
+pass runs in ONNX Runtime when it checks out (see :mod:`lens.methods.runtime`; ``LENS_RUNTIME=torch``
+keeps eager PyTorch).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Sequence
@@ -36,6 +39,9 @@ from PIL import Image
 from lens.errors import ModelLoadError
 from lens.methods import register_method
 from lens.methods.base import BaseMethod, MethodInfo, fingerprint_arrays, l2_normalise
+from lens.methods.runtime import OnnxForward, Pooled, onnx_forward, runtime_setting
+
+log = logging.getLogger("lens")
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,8 @@ def default_device() -> torch.device:
 class HFBackbone(BaseMethod):
     """An image backbone from transformers, embedding with one pooling rule."""
 
-    def __init__(self, name: str, model_ref: str, pooling: str = "auto", device: str | None = None):
+    def __init__(self, name: str, model_ref: str, pooling: str = "auto", device: str | None = None,
+                 runtime: str | None = None):
         from transformers import AutoImageProcessor, AutoModel
         from transformers.utils import logging as hf_logging
 
@@ -77,19 +84,34 @@ class HFBackbone(BaseMethod):
             ) from exc
         self.pooling = pooling
         self._lock = threading.Lock()
-        with torch.inference_mode():
-            probe = self.embed([Image.new("RGB", (224, 224), (127, 127, 127))])
+        self._onnx: OnnxForward | None = None
         weights = fingerprint_arrays(
             [(k, v.detach().float().cpu().numpy()) for k, v in self.model.state_dict().items()]
         )
+        probe = torch.stack([self.prepare(picture) for picture in _probe_pictures()])
+        dim = int(self.features(probe[:1]).shape[1])
+        self.runtime = self._choose_runtime(runtime_setting(runtime), f"{weights}|{pooling}", probe)
         self.info = MethodInfo(
             name=name,
             metric="cosine",
-            dim=int(probe.shape[1]),
+            dim=dim,
             model=model_ref,
             weights=weights,
             extra={"pooling": pooling, "architecture": type(self.model).__name__},
         )
+
+    def _choose_runtime(self, wanted: str, key: str, probe: torch.Tensor) -> str:
+        """Set up ONNX Runtime for the forward pass when asked and it checks out; returns what runs."""
+        if wanted == "torch" or self.device.type != "cpu":
+            return "torch"
+        try:
+            self._onnx = onnx_forward(Pooled(self.model, self.pool).eval(), key, probe)
+            return "onnxruntime"
+        except Exception as exc:  # export, load or check failed: eager PyTorch still works
+            if wanted == "onnx":
+                raise ModelLoadError(f"cannot run '{self.model_ref}' in ONNX Runtime: {_first_line(exc)}") from exc
+            log.warning("running %s in PyTorch (ONNX Runtime unavailable: %s)", self.model_ref, _first_line(exc))
+            return "torch"
 
     def prepare(self, image: Image.Image) -> torch.Tensor:
         return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
@@ -100,6 +122,8 @@ class HFBackbone(BaseMethod):
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Pooled features of a prepared batch before L2 normalisation (what trained heads start from)."""
         with self._lock, torch.inference_mode():
+            if self._onnx is not None:
+                return self._onnx(pixel_values)
             return self.pool(self.model(pixel_values=pixel_values.to(self.device))).float()
 
     def pool(self, outputs: Any) -> torch.Tensor:
@@ -115,6 +139,12 @@ class HFBackbone(BaseMethod):
             return hidden[:, 0]
         # mean: over tokens for (B, N, C), over the spatial grid for (B, C, H, W)
         return hidden.mean(dim=1) if hidden.ndim == 3 else hidden.flatten(2).mean(dim=2)
+
+
+def _probe_pictures() -> list[Image.Image]:
+    """Two fixed pictures (noise and a flat grey) that check an exported model against PyTorch."""
+    noise = np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    return [Image.fromarray(noise), Image.new("RGB", (224, 224), (127, 127, 127))]
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,0 +1,159 @@
+"""Index-build throughput of the deep methods against the model's raw forward throughput.
+
+For each deep method and runtime (eager PyTorch, ONNX Runtime) and batch size, in one run:
+
+- **raw forward**: images/s of ``embed_prepared`` on batches of pre-decoded, pre-processed tensors
+  (no file reads, no decoding, no resizing): the model's own limit at that batch size;
+- **index build**: images/s of ``Gallery.index`` on a fresh index of the same image files, end to
+  end (file reads, decoding and preprocessing overlapped with the model on worker threads, the
+  index built and the build published);
+- **naive**: images/s of the obvious loop (read one image, call the model on it, next);
+
+and prints build/raw (target >= 0.9) and build/naive.
+
+Methods: EfficientNet-Lite0 with its real ImageNet weights from ../shared, and ResNet-50 and
+DINOv2-small (the ``resnet50`` and ``vit`` presets' architectures) random-initialised, since their
+weights are not on this machine: the time of a forward pass does not depend on the weights' values.
+
+    python -m benchmarks.build_throughput                       # about 6 minutes on 2 cores
+    python -m benchmarks.build_throughput --methods effnet --batch-sizes 1,8,32 --images 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+EFFNET = SHARED / "weights" / "efficientnet_lite0.in1k"
+CLOTHING = SHARED / "data" / "clothing" / "train"
+
+
+def architecture_folders(work: Path) -> dict[str, tuple[str, str]]:
+    """method name -> (preset, model folder): the real EfficientNet-Lite0 and two random-initialised ones."""
+    from transformers import (BitImageProcessor, ConvNextImageProcessor, Dinov2Config, Dinov2Model,
+                              ResNetConfig, ResNetModel)
+
+    resnet, dinov2 = work / "resnet-50-random", work / "dinov2-small-random"
+    if not resnet.exists():
+        ResNetModel(ResNetConfig()).eval().save_pretrained(resnet)  # the microsoft/resnet-50 architecture
+        ConvNextImageProcessor(size={"shortest_edge": 224}, crop_pct=0.875).save_pretrained(resnet)
+    if not dinov2.exists():  # the facebook/dinov2-small architecture and processor
+        Dinov2Model(Dinov2Config(hidden_size=384, num_attention_heads=6, image_size=518, patch_size=14)
+                    ).eval().save_pretrained(dinov2)
+        BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224},
+                          do_center_crop=True, resample=3,
+                          image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(dinov2)
+    return {"effnet": ("hf", str(EFFNET)), "resnet50": ("resnet50", str(resnet)), "vit": ("vit", str(dinov2))}
+
+
+def rate(count: int, seconds: float) -> float:
+    return count / seconds if seconds > 0 else float("inf")
+
+
+def raw_forward(method, prepared: list, batch_size: int, repeats: int = 2) -> float:
+    """Images/s of the model alone on pre-processed tensors (best of ``repeats`` passes)."""
+    batches = [prepared[i : i + batch_size] for i in range(0, len(prepared), batch_size)]
+    method.embed_prepared(batches[0])  # warm-up
+    best = 0.0
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for batch in batches:
+            method.embed_prepared(batch)
+        best = max(best, rate(len(prepared), time.perf_counter() - started))
+    return best
+
+
+def index_build(spec: str, model: str, files: list[Path], batch_size: int, work: Path) -> float:
+    """Images/s of a fresh ``Gallery.index`` over ``files`` (linked into one folder)."""
+    import lens.methods
+    from lens import Gallery
+
+    folder = Path(tempfile.mkdtemp(prefix="gallery-", dir=work))
+    for i, path in enumerate(files):
+        (folder / f"{i:05d}{path.suffix}").symlink_to(path.resolve())
+    gallery = Gallery(folder, folder.with_name(folder.name + "-idx"), models={spec: model})
+    gallery.method(spec)  # loaded (and exported) before the clock starts, as in a running app
+    [report] = gallery.index([spec], batch_size=batch_size, progress=False)
+    assert report.count == len(files), report.skipped
+    lens.methods._CACHE.clear()
+    return rate(report.count, report.seconds)
+
+
+def naive(method, files: list[Path]) -> float:
+    """Images/s of one image at a time: read, decode, preprocess, model call."""
+    from lens.images import load_image
+
+    method.embed([load_image(files[0])])
+    started = time.perf_counter()
+    for path in files:
+        method.embed([load_image(path)])
+    return rate(len(files), time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default="effnet,resnet50,vit")
+    parser.add_argument("--runtimes", default="torch,onnx")
+    parser.add_argument("--batch-sizes", default="8,32")
+    parser.add_argument("--images", type=int, default=256, help="images per measurement (effnet: 2x)")
+    parser.add_argument("--naive-images", type=int, default=48)
+    parser.add_argument("--folder", type=Path, default=CLOTHING, help="image files to index")
+    args = parser.parse_args()
+
+    from lens.images import iter_image_files, load_image
+    from lens.methods.deep import HFBackbone, PRESETS
+
+    files = list(iter_image_files(args.folder))
+    rng = np.random.default_rng(0)
+    files = [files[i] for i in rng.permutation(len(files))]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
+          f"images from {args.folder}")
+    work = Path(tempfile.mkdtemp(prefix="lens-throughput-"))
+    folders = architecture_folders(work)
+    rows = []
+    for name in args.methods.split(","):
+        preset, folder = folders[name]
+        spec = f"hf:{folder}" if preset == "hf" else preset
+        count = args.images * (2 if name == "effnet" else 1)
+        subset = files[:count]
+        for runtime in args.runtimes.split(","):
+            os.environ["LENS_RUNTIME"] = runtime
+            pooling = PRESETS[preset].pooling if preset in PRESETS else "auto"
+            method = HFBackbone(spec, folder, pooling, runtime=runtime)
+            started = time.perf_counter()
+            prepared = [method.prepare(load_image(path)) for path in subset]
+            decode_ms = 1000 * (time.perf_counter() - started) / len(subset)
+            one_by_one = naive(method, subset[: args.naive_images])
+            for batch_size in map(int, args.batch_sizes.split(",")):
+                raw = raw_forward(method, prepared, batch_size)
+                built = index_build(spec, folder, subset, batch_size, work)
+                rows.append((name, method.runtime, batch_size, raw, built, one_by_one, decode_ms))
+                print(f"{name:8s} {method.runtime:11s} batch {batch_size:3d}: raw forward {raw:6.1f} img/s, "
+                      f"index build {built:6.1f} img/s (x{built / raw:.2f} of raw), naive {one_by_one:6.1f} img/s "
+                      f"(build x{built / one_by_one:.1f}); read+decode+preprocess {decode_ms:.1f} ms/img",
+                      flush=True)
+            del method, prepared
+    print("\n| method | runtime | batch | raw forward img/s | index build img/s | build / raw | naive img/s "
+          "| build / naive | read+decode+prep ms/img (1 thread) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, runtime, batch_size, raw, built, one_by_one, decode_ms in rows:
+        print(f"| {name} | {runtime} | {batch_size} | {raw:.1f} | {built:.1f} | {built / raw:.2f} | "
+              f"{one_by_one:.1f} | {built / one_by_one:.1f}x | {decode_ms:.1f} |")
+    best = {}
+    for row in rows:
+        if row[4] > best.get(row[0], (0, 0, 0, 0, 0))[4]:
+            best[row[0]] = row
+    print("\nfastest build per method: " + ", ".join(
+        f"{n} {r[1]} batch {r[2]}: {r[4]:.1f} img/s = x{r[4] / r[3]:.2f} of raw, x{r[4] / r[5]:.1f} of naive"
+        for n, r in best.items()))
+
+
+if __name__ == "__main__":
+    main()
