@@ -60,7 +60,7 @@ def _index_parser(sub: argparse._SubParsersAction) -> Handler:
                         help=f"comma-separated method specs (default: {DEFAULT_METHODS}); see `lens methods`")
     parser.add_argument("--index", dest="index_spec", metavar="SPEC",
                         help="index backend spec (default: what an earlier build was given, else annoy up to "
-                             "10,000 images and faiss:HNSW32:efSearch=64 above): "
+                             "1,000 images and faiss:HNSW32:efSearch=64 above): "
                              "annoy, annoy:trees=100, faiss:Flat, faiss:HNSW32:efSearch=64, "
                              "faiss:IVF256,PQ16:nprobe=16, faiss:PQ32:rerank=100, lsh:256:rerank=100 "
                              "(see docs/index-backends.md)")

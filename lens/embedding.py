@@ -35,7 +35,7 @@ class Embedded:
 
 def _prepare(method: Method, path: Path) -> tuple[Any, str | None]:
     try:
-        return method.prepare(load_image(path)), None
+        return method.prepare(load_image(path, min_side=getattr(method, "decode_size", None))), None
     except Exception as exc:  # one bad file must never stop an indexing run
         return None, str(exc) or type(exc).__name__
 

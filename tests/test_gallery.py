@@ -192,3 +192,13 @@ def test_large_galleries_get_hnsw_unless_an_index_was_asked_for(gallery, gallery
     monkeypatch.setattr(lens.index, "LARGE_GALLERY", 8)
     [report] = gallery.index(["resnet50"], progress=False)
     assert json.loads((report.folder / "manifest.json").read_text())["index"] == "faiss:Flat"
+
+
+def test_camera_sized_jpegs_are_indexed_from_a_scaled_decode_and_still_match(gallery, gallery_dir):
+    big = make_picture(42, size=(2400, 1800))
+    big.save(gallery_dir / "camera.jpg", quality=90)
+    method = gallery.method("resnet50")
+    assert method.decode_size is not None and 1800 >= 2 * method.decode_size  # the gallery file is scaled
+    gallery.index(["resnet50"], progress=False)
+    [best, *_] = gallery.search(gallery_dir / "camera.jpg", "resnet50", k=3)  # the query: a full decode
+    assert best.path == "camera.jpg" and best.score > 0.99

@@ -134,3 +134,23 @@ def test_unreadable_bytes_stay_a_clear_error_after_ultralytics_patches_pil():
 
     with pytest.raises(ImageError, match="not an image lens can read"):
         load_image(b"this is a text file, not a picture")
+
+
+def test_large_jpegs_decode_at_a_reduced_scale_when_the_caller_needs_fewer_pixels(tmp_path):
+    from conftest import make_picture
+
+    big = make_picture(3, size=(2000, 1500))
+    big.save(tmp_path / "big.jpg", quality=92)
+    full = load_image(tmp_path / "big.jpg")
+    assert full.size == (2000, 1500)
+    small = load_image(tmp_path / "big.jpg", min_side=200)
+    assert small.size == (500, 375)  # 1/4 scale: 1/8 would leave 187 < 200 pixels
+    reference = np.asarray(full.resize(small.size, Image.BOX), dtype=np.float32)
+    assert np.abs(np.asarray(small, dtype=np.float32) - reference).mean() < 3  # the same picture
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    big.save(tmp_path / "rotated.jpg", exif=exif.tobytes())
+    assert load_image(tmp_path / "rotated.jpg", min_side=200).size == (375, 500)  # still upright
+    big.save(tmp_path / "big.png")
+    assert load_image(tmp_path / "big.png", min_side=200).size == (2000, 1500)  # only JPEG scales
+    assert load_image(tmp_path / "big.jpg", min_side=800).size == (2000, 1500)  # < 2 x min_side: as is

@@ -80,6 +80,7 @@ class AutoencoderMethod(BaseMethod):
             raise ModelLoadError(f"the autoencoder in '{folder}' does not fit its config.json: {exc}") from exc
         self.net.eval().to(self.device)
         self.size = int(config["image_size"])
+        self.decode_size = 2 * self.size
         self._lock = threading.Lock()
         self.info = MethodInfo(
             name=name, metric="cosine", dim=int(config["latent_dim"]), model=str(folder),

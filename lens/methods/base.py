@@ -41,6 +41,9 @@ class Method(Protocol):
     ``prepare`` is the per-image CPU work (resize, normalise, ...). It must be thread-safe: the
     gallery runs it on worker threads, overlapped with ``embed_prepared`` on the previous batch.
     ``embed(images)`` is the same as ``embed_prepared([prepare(i) for i in images])``.
+
+    ``decode_size`` (optional, default None) is the fewest pixels on the shorter side that ``prepare``
+    needs: gallery JPEGs are then decoded at a reduced scale that keeps at least that many.
     """
 
     info: MethodInfo
@@ -91,6 +94,7 @@ class BaseMethod:
     """Convenience base: ``embed`` composed from ``prepare`` and ``embed_prepared``."""
 
     info: MethodInfo
+    decode_size: int | None = None  #: see :class:`Method`; None decodes files at full size
 
     def prepare(self, image: Image.Image) -> Any:
         return image

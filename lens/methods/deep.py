@@ -90,6 +90,7 @@ class HFBackbone(BaseMethod):
         )
         probe = torch.stack([self.prepare(picture) for picture in _probe_pictures()])
         dim = int(self.features(probe[:1]).shape[1])
+        self.decode_size = 2 * max(probe.shape[-2:])  # gallery JPEGs: scaled decoding keeps twice the input
         self.runtime = self._choose_runtime(runtime_setting(runtime), f"{weights}|{pooling}", probe)
         self.info = MethodInfo(
             name=name,

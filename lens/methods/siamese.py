@@ -177,6 +177,7 @@ class BranchMethod(BaseMethod):
                 f"train it again with `lens train {kind} GALLERY --backbone {config['backbone']}`"
             )
         self.source = source
+        self.decode_size = source.decode_size
         self.net = build_net(config, source)
         try:
             load_trainable(self.net, tensors)

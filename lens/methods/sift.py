@@ -205,6 +205,7 @@ class Sift(BaseMethod):
     def __init__(self, name: str, config: SiftConfig, vocabulary: np.ndarray | None = None,
                  features: FeatureStore | None = None):
         self.config, self.vocabulary, self.features = config, vocabulary, features
+        self.decode_size = config.max_side  # both sides at least this: the longer one is shrunk to it
         settings = np.array([config.max_side, config.max_keypoints, config.words], np.int64)
         self.info = MethodInfo(
             name=name,
