@@ -12,7 +12,7 @@ The pipeline (OpenCV for SIFT, matching and RANSAC; FAISS k-means for the vocabu
    embedded again.
 3. ``embed``: each image becomes a VLAD vector (``words * 128`` floats): per word, the sum of the
    residuals of the descriptors assigned to it, intra-normalised, signed square root, L2-normalised.
-   These are searched by cosine in the method's vector index (Annoy by default).
+   These are searched by cosine in the method's vector index (the gallery's default index).
 4. ``rerank``: the top ``candidates`` (default 50) are matched to the query (2-NN ratio test on
    RootSIFT, ``ratio`` 0.8) and the matches verified with a RANSAC homography (MAGSAC++,
    ``ransac_threshold`` pixels). The score is the number of inliers, not a similarity in [0, 1].
