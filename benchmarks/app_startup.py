@@ -12,6 +12,7 @@ It starts the app twice: first with an empty ONNX cache (the backbones are expor
 again (the exports are reused, as on every later start).
 
     python -m benchmarks.app_startup                     # about 5 minutes on 2 cores (gallery reused)
+    python -m benchmarks.app_startup --methods effnet,resnet50,vit,siamese,autoencoder,phash --pad 100000
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks.serving_gallery import SHARED_TEST, environment, prepare
+from benchmarks.serving_gallery import METHOD_ORDER, SHARED_TEST, environment, prepare
 
 REPO = Path(__file__).resolve().parents[1]
 YOLO = REPO.parent / "shared" / "weights" / "yolov8n_int8.tflite"
@@ -104,9 +105,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "lens-serving-bench")
+    parser.add_argument("--methods", help="comma-separated subset of " + ",".join(METHOD_ORDER))
+    parser.add_argument("--pad", type=int, help="pad every index to this many images with synthetic rows "
+                                                "(as benchmarks/query_latency.py does; not sift)")
     args = parser.parse_args()
     print(environment())
-    gallery, indexes, specs, models = prepare(args.work, args.images)
+    gallery, indexes, specs, models = prepare(args.work, args.images,
+                                              args.methods.split(",") if args.methods else None)
+    if args.pad:
+        import numpy as np
+
+        from benchmarks.query_latency import pad_build
+        from lens import Gallery
+
+        real, padded = Gallery(gallery, indexes, models=models), args.work / f"startup-padded-{args.pad}"
+        for spec in specs.values():
+            if not (padded / real.method_dir(spec).name / "CURRENT").is_file():  # made once, then reused
+                pad_build(real, spec, args.pad, padded, np.random.default_rng(0))
+        indexes = padded
+        print(f"indexes padded to {args.pad:,} images in {padded}")
     photo = next(iter(sorted(SHARED_TEST.rglob("*.jpg"))))
     cache = args.work / "onnx-cache"
     shutil.rmtree(cache, ignore_errors=True)

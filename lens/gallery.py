@@ -103,7 +103,8 @@ class Gallery:
         self.models_dir = Path(models_dir) if models_dir else Path("models") / self.name
         #: spec -> (live index, the method fitted to it, the base method it was made from)
         self._opened: dict[str, tuple[StoredIndex, Method, Method]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the two dicts
+        self._open_locks: dict[str, threading.Lock] = {}  # one per method: methods open in parallel
 
     # -- methods and their folders ---------------------------------------------------------------
     def method(self, spec: str) -> Method:
@@ -308,11 +309,14 @@ class Gallery:
             )
         base = self._base_method(spec)
         with self._lock:
+            lock = self._open_locks.setdefault(spec, threading.Lock())
+        with lock:
             entry = self._opened.get(spec)
             if entry is None or entry[0].folder != build or entry[2] is not base:
                 method = base.load_state(build) if isinstance(base, LearnsFromGallery) else base
                 entry = (open_build(method_dir, method.info), method, base)
-                self._opened[spec] = entry
+                with self._lock:
+                    self._opened[spec] = entry
             return entry
 
     def search(

@@ -15,6 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,8 @@ THUMBNAIL_SIZE = 320
 #: Boxes are detected once at this low threshold and filtered afterwards, so moving the threshold
 #: slider never re-runs the detector.
 DETECT_FLOOR = 0.05
+#: Methods opened at once at start-up (2 cores: a model loads while another index's checksums run).
+OPEN_THREADS = 2
 
 
 @dataclass
@@ -93,21 +96,17 @@ class LensService:
             self._states[method] = MethodState(method, status, detail)
 
     def _prepare_all(self, build_missing: bool) -> None:
-        missing = []
-        for method in self.methods:  # existing indexes first, so they serve while others build
-            try:
-                self._set(method, "ready", f"{len(self.gallery.open(method).items)} images")
-            except (IndexNotFoundError, IndexMismatchError) as exc:
-                if isinstance(exc, IndexMismatchError):
-                    log.warning("%s", exc)
-                missing.append(method)
-                if build_missing:
-                    self._set(method, "queued", "no index yet: waiting to be built")
-                else:
-                    self._set(method, "missing",
-                              f"no index: build it with `lens index {self.gallery.root} --methods {method}`")
-            except Exception as exc:  # a broken method must not stop the others
-                self._set(method, "failed", str(exc))
+        # existing indexes first, so they serve while others build; two at a time: loading one
+        # model overlaps with verifying another index's checksums (both release the GIL)
+        with ThreadPoolExecutor(max_workers=OPEN_THREADS, thread_name_prefix="lens-open") as pool:
+            opened = list(pool.map(self._open_existing, self.methods))
+        missing = [method for method, ok in zip(self.methods, opened) if not ok]
+        for method in missing:
+            if build_missing:
+                self._set(method, "queued", "no index yet: waiting to be built")
+            else:
+                self._set(method, "missing",
+                          f"no index: build it with `lens index {self.gallery.root} --methods {method}`")
         for method in missing if build_missing else []:
             self._set(method, "building", "loading the model")
             try:
@@ -119,6 +118,19 @@ class LensService:
             except Exception as exc:
                 log.warning("cannot build the %s index: %s", method, exc)
                 self._set(method, "failed", str(exc))
+
+    def _open_existing(self, method: str) -> bool:
+        """Open ``method``'s index if it has a usable one; False when it needs building."""
+        try:
+            self._set(method, "queued", "opening its index")
+            self._set(method, "ready", f"{len(self.gallery.open(method).items)} images")
+        except (IndexNotFoundError, IndexMismatchError) as exc:
+            if isinstance(exc, IndexMismatchError):
+                log.warning("%s", exc)
+            return False
+        except Exception as exc:  # a broken method must not stop the others
+            self._set(method, "failed", str(exc))
+        return True
 
     def states(self) -> list[MethodState]:
         with self._lock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import select
@@ -114,3 +115,27 @@ def test_two_concurrent_index_runs_do_not_corrupt_each_other(tmp_path, tiny_resn
     assert len(stored.items) == 40 and len(stored.index) == 40
     builds = [p for p in (gallery.index_dir / "resnet50").iterdir() if p.name.startswith(("build-", ".staging"))]
     assert len(builds) == 1
+
+
+def test_methods_open_two_at_a_time_in_a_fresh_process(tmp_path, tiny_resnet, tiny_dinov2):
+    """Start-up opens methods on two threads: first imports and ONNX exports must not race."""
+    photos = tmp_path / "photos"
+    write_gallery(photos, 6)
+    models = {"resnet50": str(tiny_resnet), "vit": str(tiny_dinov2)}
+    Gallery(photos, tmp_path / "idx", models=models).index(["resnet50", "vit", "phash"], progress=False)
+    script = (
+        "import json, sys\n"
+        "from lens import Gallery\n"
+        "from lens.service import LensService\n"
+        f"gallery = Gallery({str(photos)!r}, {str(tmp_path / 'idx')!r}, models={models!r})\n"
+        "service = LensService(gallery, ['resnet50', 'vit', 'phash'])\n"
+        "service.start(background=False, build_missing=False)\n"
+        "print(json.dumps([[s.name, s.status, s.detail] for s in service.states()]))\n"
+        "print(json.dumps([gallery.method(m).runtime for m in ('resnet50', 'vit')]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "LENS_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    states, runtimes = (json.loads(line) for line in done.stdout.strip().splitlines()[-2:])
+    assert [status for _, status, _ in states] == ["ready"] * 3, states
+    assert runtimes == ["onnxruntime", "onnxruntime"], done.stderr  # no export fell back to PyTorch

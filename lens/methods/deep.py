@@ -42,6 +42,7 @@ from lens.methods.base import BaseMethod, MethodInfo, fingerprint_arrays, l2_nor
 from lens.methods.runtime import OnnxForward, Pooled, onnx_forward, runtime_setting
 
 log = logging.getLogger("lens")
+_LOADING = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,12 @@ class HFBackbone(BaseMethod):
 
     def __init__(self, name: str, model_ref: str, pooling: str = "auto", device: str | None = None,
                  runtime: str | None = None):
+        # one backbone loads at a time: transformers' lazy imports and torch.onnx.export are not
+        # thread-safe (the app opens two methods at once at start-up)
+        with _LOADING:
+            self._load(name, model_ref, pooling, device, runtime)
+
+    def _load(self, name: str, model_ref: str, pooling: str, device: str | None, runtime: str | None) -> None:
         from transformers import AutoImageProcessor, AutoModel
         from transformers.utils import logging as hf_logging
 

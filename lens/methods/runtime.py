@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,7 @@ from lens.errors import ModelLoadError
 log = logging.getLogger("lens")
 
 RUNTIMES = ("auto", "onnx", "torch")
+_EXPORTING = threading.Lock()
 #: Largest difference between PyTorch's and ONNX Runtime's features on the probe that is accepted.
 TOLERANCE = 1e-3
 
@@ -81,6 +83,11 @@ def onnx_forward(
         import onnxruntime  # noqa: F401
     except ImportError as exc:
         raise RuntimeError("onnxruntime is not installed") from exc
+    with _EXPORTING:  # torch.onnx.export keeps global state: one export at a time
+        return _exported(module, key, probe, threads)
+
+
+def _exported(module: torch.nn.Module, key: str, probe: torch.Tensor, threads: int | None) -> OnnxForward:
     digest = hashlib.sha256(f"{key}|torch {torch.__version__}".encode()).hexdigest()[:20]
     path = cache_dir() / f"{digest}.onnx"
     with torch.no_grad():
