@@ -72,7 +72,7 @@ def main() -> None:
         print(f"{method}: mAP {scores['mAP']:.4f}  R@1 {scores['R@1']:.4f}  (indexed {report.count} "
               f"in {report.seconds:.0f} s, {report.embedded} embedded; {len(queries)} queries in "
               f"{scores['query_s']:.0f} s; {scores['incomplete']} incomplete rankings)", flush=True)
-    print(f"\n| method | mAP | Recall@1 |\n|---|---|---|")
+    print("\n| method | mAP | Recall@1 |\n|---|---|---|")
     for method, scores in rows:
         print(f"| `{method}` | {scores['mAP']:.3f} | {scores['R@1']:.3f} |")
     by_name = dict(rows)

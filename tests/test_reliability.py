@@ -12,11 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from bad_inputs import bad_input_corpus
 from conftest import REPO, shared_path, write_gallery
-from PIL import Image
 
 from lens import Gallery
 from lens.errors import CorruptIndexError

@@ -80,7 +80,7 @@ def onnx_forward(
     ``module``'s on ``probe``.
     """
     try:
-        import onnxruntime  # noqa: F401
+        import onnxruntime  # noqa: F401  (only whether it is installed)
     except ImportError as exc:
         raise RuntimeError("onnxruntime is not installed") from exc
     with _EXPORTING:  # torch.onnx.export keeps global state: one export at a time
