@@ -18,7 +18,6 @@ again (the exports are reused, as on every later start).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import socket
@@ -82,8 +81,7 @@ def start_app(gallery: Path, indexes: Path, specs: dict[str, str], models: dict[
         client = Client(url, verbose=False)
         while True:
             states = client.predict(api_name="/methods")
-            if all(s["status"] != "queued" and s["status"] != "building" for s in states) and all(
-                    s["status"] in ("ready", "failed", "missing") for s in states):
+            if all(s["status"] in ("ready", "failed", "missing") for s in states):  # none queued or building
                 break
             time.sleep(0.1)
         ready = time.perf_counter() - started
@@ -109,6 +107,9 @@ def main() -> None:
     parser.add_argument("--pad", type=int, help="pad every index to this many images with synthetic rows "
                                                 "(as benchmarks/query_latency.py does; not sift)")
     args = parser.parse_args()
+    from lens import Gallery
+    from lens.store import read_manifest
+
     print(environment())
     gallery, indexes, specs, models = prepare(args.work, args.images,
                                               args.methods.split(",") if args.methods else None)
@@ -116,7 +117,6 @@ def main() -> None:
         import numpy as np
 
         from benchmarks.query_latency import pad_build
-        from lens import Gallery
 
         real, padded = Gallery(gallery, indexes, models=models), args.work / f"startup-padded-{args.pad}"
         for spec in specs.values():
@@ -135,12 +135,9 @@ def main() -> None:
               flush=True)
     print("\n| method | images | index spec | bytes per image | of which vectors.npy |")
     print("|---|---:|---|---:|---:|")
+    layout = Gallery(gallery, indexes, models=models)
     for name, spec in specs.items():
-        method_dir = next(p for p in indexes.iterdir() if p.is_dir() and (p / "CURRENT").is_file()
-                          and json.loads((p / (p / "CURRENT").read_text().strip() / "manifest.json").read_text())
-                          ["method"] == spec)
-        manifest = json.loads((method_dir / (method_dir / "CURRENT").read_text().strip() / "manifest.json")
-                              .read_text())
+        manifest = read_manifest(layout.method_dir(spec))
         total = sum(f["bytes"] for f in manifest["files"].values())
         vectors = manifest["files"]["vectors.npy"]["bytes"]
         count = manifest["count"]

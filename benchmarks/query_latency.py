@@ -33,11 +33,12 @@ from benchmarks.serving_gallery import SHARED_TEST, environment, prepare
 
 def pad_build(gallery, spec: str, size: int, target: Path, rng: np.random.Generator) -> float:
     """Publish ``spec``'s real build padded to ``size`` rows into ``target``; returns recall@10 of its index."""
+    from lens.evaluate import exact_top
     from lens.index import create_index, default_index
     from lens.store import Item, open_build, publish
 
     stored = gallery.open(spec)
-    method = gallery._open(spec)[1]
+    method = gallery.method(spec)  # not SIFT, whose fitted state cannot be padded
     real = np.asarray(stored.vectors)
     extra = size - len(real)
     base = real[rng.integers(0, len(real), extra)]
@@ -57,16 +58,8 @@ def pad_build(gallery, spec: str, size: int, target: Path, rng: np.random.Genera
     # recall@10 against exact search, for 50 real rows as queries
     queries = vectors[rng.choice(len(real), 50, replace=False)]
     found, _ = open_build(method_dir, method.info).index.search(queries, 10)
-    exact = _exact_top(vectors, queries, stored.index.metric, 10)
+    exact = exact_top(vectors, queries, stored.index.metric, 10)
     return float(np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact)]))
-
-
-def _exact_top(vectors: np.ndarray, queries: np.ndarray, metric: str, k: int) -> np.ndarray:
-    if metric == "hamming":
-        a, b = np.unpackbits(queries, axis=1).astype(np.int16), np.unpackbits(vectors, axis=1).astype(np.int16)
-        distances = a @ (1 - b).T + (1 - a) @ b.T
-        return np.argsort(distances, axis=1, kind="stable")[:, :k]
-    return np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :k]
 
 
 def main() -> None:

@@ -61,28 +61,12 @@ def main() -> None:
     names = [f.name for f in files]
     cosines = np.sum(full * scaled, axis=1)
     map_full = holidays_map(full, names, truth)
-    map_mixed = _map_queries_vs_gallery(full, scaled, names, truth)
+    map_mixed = holidays_map(full, names, truth, gallery=scaled)
     print(f"cosine(full, scaled) per image: min {cosines.min():.4f}, median {np.median(cosines):.4f}")
     print("\n| gallery decode | ms per file | Holidays mAP (queries decoded in full) |")
     print("|---|---:|---:|")
     print(f"| full (2600x1944) | {timings['full']:.1f} | {map_full:.4f} |")
     print(f"| scaled (libjpeg 1/4) | {timings['scaled']:.1f} | {map_mixed:.4f} ({100 * (map_mixed - map_full):+.2f} points) |")
-
-
-def _map_queries_vs_gallery(queries: np.ndarray, gallery: np.ndarray, names: list[str],
-                            truth: dict[str, list[str]]) -> float:
-    """mAP when each query's vector comes from ``queries`` and every gallery vector from ``gallery``."""
-    from lens.metrics import average_precision
-
-    row = {n: i for i, n in enumerate(names)}
-    scores = []
-    for query, relevant in truth.items():
-        q = row[query]
-        similarities = gallery @ queries[q]
-        order = [i for i in np.argsort(-similarities, kind="stable") if i != q]
-        wanted = {row[r] for r in relevant}
-        scores.append(average_precision([i in wanted for i in order], similarities[order], len(wanted)))
-    return float(np.mean([s for s in scores if s is not None]))
 
 
 if __name__ == "__main__":

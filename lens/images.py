@@ -71,7 +71,7 @@ def load_image(
         if getattr(image, "is_animated", False):
             image.seek(0)
         if min_side and image.format == "JPEG" and min(width, height) >= 2 * min_side:
-            image.draft(image.mode if image.mode in ("L", "RGB", "CMYK") else "RGB", (min_side, min_side))
+            image.draft(image.mode, (min_side, min_side))
         image.load()
         image = ImageOps.exif_transpose(image) or image
         return _to_rgb(image)

@@ -96,24 +96,24 @@ class HFBackbone(BaseMethod):
             [(k, v.detach().float().cpu().numpy()) for k, v in self.model.state_dict().items()]
         )
         probe = torch.stack([self.prepare(picture) for picture in _probe_pictures()])
-        dim = int(self.features(probe[:1]).shape[1])
+        expected = self.features(probe)  # in PyTorch: what an ONNX export must reproduce
         self.decode_size = 2 * max(probe.shape[-2:])  # gallery JPEGs: scaled decoding keeps twice the input
-        self.runtime = self._choose_runtime(runtime_setting(runtime), f"{weights}|{pooling}", probe)
+        self.runtime = self._choose_runtime(runtime_setting(runtime), f"{weights}|{pooling}", probe, expected)
         self.info = MethodInfo(
             name=name,
             metric="cosine",
-            dim=dim,
+            dim=int(expected.shape[1]),
             model=model_ref,
             weights=weights,
             extra={"pooling": pooling, "architecture": type(self.model).__name__},
         )
 
-    def _choose_runtime(self, wanted: str, key: str, probe: torch.Tensor) -> str:
+    def _choose_runtime(self, wanted: str, key: str, probe: torch.Tensor, expected: torch.Tensor) -> str:
         """Set up ONNX Runtime for the forward pass when asked and it checks out; returns what runs."""
         if wanted == "torch" or self.device.type != "cpu":
             return "torch"
         try:
-            self._onnx = onnx_forward(Pooled(self.model, self.pool).eval(), key, probe)
+            self._onnx = onnx_forward(Pooled(self.model, self.pool).eval(), key, probe, expected)
             return "onnxruntime"
         except Exception as exc:  # export, load or check failed: eager PyTorch still works
             if wanted == "onnx":

@@ -1,14 +1,14 @@
 """Running a backbone's forward pass with ONNX Runtime instead of eager PyTorch, on CPU.
 
-On 2 CPU cores ONNX Runtime runs the CNN backbones 2-3x faster than eager PyTorch (EfficientNet-Lite0:
-140 vs 48 images/s at batch 1; ResNet-50: 33 vs 14 at batch 16; see docs/performance.md), and the
-vision transformers about 1.1x faster. So on CPU a backbone is exported once to ONNX (pixels in,
-pooled features out), cached on disk by its weights fingerprint, and run by an ONNX Runtime session.
+On 2 CPU cores ONNX Runtime runs the CNN backbones 2-4x faster than eager PyTorch (EfficientNet-Lite0
+2.7-3.8x, ResNet-50 2.0-2.9x; docs/performance.md) and a ViT about as fast (0.84x at batch 1, up to
+1.07x in batches). So on CPU a backbone is exported once to ONNX (pixels in, pooled features out),
+cached on disk by its weights fingerprint, and run by an ONNX Runtime session.
 
 Choose with ``LENS_RUNTIME``: ``auto`` (the default: ONNX Runtime on CPU when it is installed and the
 export checks out, else PyTorch), ``onnx`` (the same, but a failure is an error) or ``torch``.
 An exported model is only used after it gave the same features as PyTorch on a probe batch; anything
-else falls back to PyTorch with a warning. The embeddings agree to about 1e-5, so indexes built with
+else falls back to PyTorch with a warning. The embeddings agree to within 1e-5, so indexes built with
 either runtime are searched with the other.
 """
 
@@ -71,27 +71,26 @@ class OnnxForward:
 
 
 def onnx_forward(
-    module: torch.nn.Module, key: str, probe: torch.Tensor, *, threads: int | None = None
+    module: torch.nn.Module, key: str, probe: torch.Tensor, expected: torch.Tensor, *, threads: int | None = None
 ) -> OnnxForward:
     """``module`` (pixels -> features, in eval mode) exported to ONNX and loaded in ONNX Runtime.
 
     ``key`` names the export in the cache (weights fingerprint and pooling); it is exported once.
-    Raises RuntimeError when ONNX Runtime is missing, the export fails or its features differ from
-    ``module``'s on ``probe``.
+    ``expected`` is ``module(probe)``. Raises RuntimeError when ONNX Runtime is missing, the export
+    fails or its features on ``probe`` differ from ``expected``.
     """
     try:
         import onnxruntime  # noqa: F401  (only whether it is installed)
     except ImportError as exc:
         raise RuntimeError("onnxruntime is not installed") from exc
     with _EXPORTING:  # torch.onnx.export keeps global state: one export at a time
-        return _exported(module, key, probe, threads)
+        return _exported(module, key, probe, expected, threads)
 
 
-def _exported(module: torch.nn.Module, key: str, probe: torch.Tensor, threads: int | None) -> OnnxForward:
+def _exported(module: torch.nn.Module, key: str, probe: torch.Tensor, expected: torch.Tensor,
+              threads: int | None) -> OnnxForward:
     digest = hashlib.sha256(f"{key}|torch {torch.__version__}".encode()).hexdigest()[:20]
     path = cache_dir() / f"{digest}.onnx"
-    with torch.no_grad():
-        expected = module(probe).float()
     for attempt in ("cached", "fresh"):
         if attempt == "fresh" or not path.is_file():
             _export(module, probe, path)
