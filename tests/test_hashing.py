@@ -108,3 +108,21 @@ def test_hash_finds_resized_ukbench_photo(name, tmp_path):
     gallery = Gallery(base, tmp_path / "idx")
     gallery.index([name], progress=False)
     assert gallery.search(mixed / "ukbench00120_resize.jpg", name, k=1)[0].path == "ukbench00120.jpg"
+
+
+
+def test_camera_sized_gallery_jpegs_searched_by_themselves_match_bit_for_bit(tmp_path):
+    """Gallery files are decoded exactly as queries are: a scaled decode flips bits (e.g. 2 of
+    rocket's dHash bits, 1 of coffee's aHash bits at 1/8 scale)."""
+    from PIL import Image
+    from skimage import data
+
+    for name in ("astronaut", "coffee", "chelsea", "rocket"):
+        photo = Image.fromarray(getattr(data, name)()).convert("RGB")
+        photo.resize((photo.width * 4, photo.height * 4), Image.BICUBIC).save(tmp_path / f"{name}.jpg", quality=90)
+    gallery = Gallery(tmp_path, tmp_path / "idx")
+    gallery.index(HASHES, progress=False)
+    for method in HASHES:
+        for name in ("astronaut", "coffee", "chelsea", "rocket"):
+            [best] = gallery.search(tmp_path / f"{name}.jpg", method, k=1)
+            assert (best.path, best.score) == (f"{name}.jpg", 1.0), method

@@ -43,7 +43,9 @@ class Method(Protocol):
     ``embed(images)`` is the same as ``embed_prepared([prepare(i) for i in images])``.
 
     ``decode_size`` (optional, default None) is the fewest pixels on the shorter side that ``prepare``
-    needs: gallery JPEGs are then decoded at a reduced scale that keeps at least that many.
+    needs: gallery JPEGs are then decoded at a reduced scale that keeps at least that many. Methods
+    whose output must not move at all between a full and a scaled decode (the perceptual hashes:
+    a gallery file searched by itself must match bit for bit) leave it None.
     """
 
     info: MethodInfo

@@ -41,7 +41,6 @@ class PerceptualHash(BaseMethod):
     def __init__(self, name: str, hash_size: int = HASH_SIZE):
         self._function = HASHES[name]
         self.hash_size = hash_size
-        self.decode_size = 16 * hash_size  # imagehash shrinks to 4 x hash_size first
         bits = hash_size * hash_size
         self.info = MethodInfo(
             name=name,
