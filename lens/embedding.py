@@ -1,7 +1,14 @@
 """Embedding many image files in batches, with decoding overlapped with the model's work.
 
-Worker threads read, decode and ``prepare`` (resize, normalise) the images of the next batches while
-the current batch runs through the model, so the model rarely waits for the disk or the decoder.
+Two ways, chosen by the method's ``streams`` (see :class:`lens.methods.base.Method`):
+
+- one batch at a time (``streams == 1``): worker threads read, decode and ``prepare`` (resize,
+  normalise) the images of the next batches while the current batch runs through the model, so the
+  model rarely waits for the disk or the decoder;
+- side by side (``streams > 1``, the deep backbones in ONNX Runtime): each of ``streams`` threads
+  reads, decodes and prepares a batch and then runs it through a one-thread model. While one stream
+  decodes, the other's model has the cores, and no core is kept spinning idle. On 2 cores this builds
+  EfficientNet-Lite0 indexes about 25% faster (docs/performance.md, section 1).
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -21,6 +28,7 @@ from lens.images import load_image
 from lens.methods.base import Method
 
 log = logging.getLogger("lens")
+T = TypeVar("T")
 
 
 @dataclass
@@ -56,7 +64,9 @@ def embed_files(
 
     ``on_progress(done, total)`` is called after every batch (e.g. to show progress in the app).
     ``keep_prepared`` also returns what ``prepare`` gave for each embedded file (for methods that
-    store per-image data in the index, like SIFT's keypoints).
+    store per-image data in the index, like SIFT's keypoints). ``workers`` decoding threads and
+    ``prefetch`` batches ahead apply to methods that embed one batch at a time; a method with
+    ``streams > 1`` decodes on its streams' threads.
     """
     chunks: list[np.ndarray] = []
     kept: list[Any] = []
@@ -64,7 +74,12 @@ def embed_files(
     skipped: list[tuple[Path, str]] = []
     with tqdm(total=len(paths), unit="img", desc=desc or method.info.name, disable=not progress,
               dynamic_ncols=True) as bar:
-        for batch, results in _prefetched(method, paths, batch_size, workers, prefetch):
+        streams = max(1, int(getattr(method, "streams", 1)))
+        if streams > 1:
+            embedded = _streamed(method, paths, batch_size, streams)
+        else:
+            embedded = _overlapped(method, paths, batch_size, workers, prefetch)
+        for batch, results, vectors in embedded:
             items = []
             for path, (item, error) in zip(batch, results):
                 if error is None:
@@ -73,8 +88,8 @@ def embed_files(
                 else:
                     skipped.append((path, error))
                     log.warning("skipped %s: %s", path, error)
-            if items:
-                chunks.append(np.asarray(method.embed_prepared(items)))
+            if vectors is not None:
+                chunks.append(vectors)
                 if keep_prepared:
                     kept.extend(items)
             bar.update(len(batch))
@@ -87,23 +102,58 @@ def embed_files(
     return Embedded(vectors, done, skipped, kept)
 
 
-def _prefetched(
+Prepared = list[tuple[Any, str | None]]  # per file: (prepare's output, None) or (None, why it failed)
+
+
+def _overlapped(
     method: Method, paths: Sequence[Path], batch_size: int, workers: int, prefetch: int
-) -> Iterator[tuple[Sequence[Path], list[tuple[Any, str | None]]]]:
-    """Yield (batch, prepared items) with up to ``prefetch`` batches decoding ahead."""
-    batches = [paths[i : i + batch_size] for i in range(0, len(paths), max(1, batch_size))]
+) -> Iterator[tuple[Sequence[Path], Prepared, np.ndarray | None]]:
+    """One batch at a time through ``embed_prepared``; up to ``prefetch`` next batches decode meanwhile."""
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="lens-decode") as pool:
-        pending: deque[tuple[Sequence[Path], list[Future]]] = deque()
-        upcoming = iter(batches)
 
-        def submit_next() -> None:
-            batch = next(upcoming, None)
-            if batch is not None:
-                pending.append((batch, [pool.submit(_prepare, method, p) for p in batch]))
+        def decode(batch: Sequence[Path]) -> list[Future]:
+            return [pool.submit(_prepare, method, path) for path in batch]
 
-        for _ in range(max(1, prefetch)):
-            submit_next()
-        while pending:
-            batch, futures = pending.popleft()
-            submit_next()
-            yield batch, [future.result() for future in futures]
+        for batch, futures in _ahead(decode, _batches(paths, batch_size), max(1, prefetch)):
+            results = [future.result() for future in futures]
+            items = [item for item, error in results if error is None]
+            yield batch, results, np.asarray(method.embed_prepared(items)) if items else None
+
+
+def _streamed(
+    method: Method, paths: Sequence[Path], batch_size: int, streams: int
+) -> Iterator[tuple[Sequence[Path], Prepared, np.ndarray | None]]:
+    """``streams`` batches at once, each decoded and embedded (``embed_stream``) by its own thread."""
+
+    def run(batch: Sequence[Path]) -> tuple[Prepared, np.ndarray | None]:
+        results = [_prepare(method, path) for path in batch]
+        items = [item for item, error in results if error is None]
+        return results, np.asarray(method.embed_stream(items)) if items else None
+
+    with ThreadPoolExecutor(max_workers=streams, thread_name_prefix="lens-embed") as pool:
+        # one batch queued beyond the streams, so a stream that finishes starts the next at once
+        for batch, future in _ahead(lambda b: pool.submit(run, b), _batches(paths, batch_size), streams + 1):
+            yield (batch, *future.result())
+
+
+def _batches(paths: Sequence[Path], batch_size: int) -> list[Sequence[Path]]:
+    return [paths[i : i + batch_size] for i in range(0, len(paths), max(1, batch_size))]
+
+
+def _ahead(start: Callable[[Sequence[Path]], T], batches: list[Sequence[Path]], ahead: int
+           ) -> Iterator[tuple[Sequence[Path], T]]:
+    """Each batch with what ``start`` gave for it, in order, keeping ``ahead`` batches started."""
+    pending: deque[tuple[Sequence[Path], T]] = deque()
+    upcoming = iter(batches)
+
+    def start_next() -> None:
+        batch = next(upcoming, None)
+        if batch is not None:
+            pending.append((batch, start(batch)))
+
+    for _ in range(ahead):
+        start_next()
+    while pending:
+        head = pending.popleft()
+        start_next()
+        yield head

@@ -85,15 +85,18 @@ def test_interrupted_embedding_leaves_the_previous_index_loadable(gallery, galle
     write_gallery(gallery_dir / "more", 40, start_seed=100)
     method = gallery.method("resnet50")
     calls = {"n": 0}
-    original = method.embed_prepared
 
-    def failing(items):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise RuntimeError("power cut")
-        return original(items)
+    def failing_after_one_batch(original):
+        def failing(items):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("power cut")
+            return original(items)
+        return failing
 
-    monkeypatch.setattr(method, "embed_prepared", failing)
+    # bulk embedding calls one or the other (embed_stream when the method runs in streams)
+    for name in ("embed_prepared", "embed_stream"):
+        monkeypatch.setattr(method, name, failing_after_one_batch(getattr(method, name)))
     with pytest.raises(RuntimeError, match="power cut"):
         gallery.index(["resnet50"], batch_size=8, progress=False)
     monkeypatch.undo()

@@ -46,6 +46,12 @@ class Method(Protocol):
     needs: gallery JPEGs are then decoded at a reduced scale that keeps at least that many. Methods
     whose output must not move at all between a full and a scaled decode (the perceptual hashes:
     a gallery file searched by itself must match bit for bit) leave it None.
+
+    ``streams`` (optional, default 1) is how many batches bulk embedding (:func:`lens.embedding.
+    embed_files`) should run side by side, each thread reading, decoding, preparing and then calling
+    ``embed_stream(items)``: the same vectors as ``embed_prepared``, single-threaded and safe to call
+    from several threads at once. With 1, worker threads decode while the calling thread runs
+    ``embed_prepared`` on the previous batch.
     """
 
     info: MethodInfo
@@ -97,12 +103,16 @@ class BaseMethod:
 
     info: MethodInfo
     decode_size: int | None = None  #: see :class:`Method`; None decodes files at full size
+    streams: int = 1  #: see :class:`Method`; 1: one batch at a time, decoding on worker threads
 
     def prepare(self, image: Image.Image) -> Any:
         return image
 
     def embed_prepared(self, items: Sequence[Any]) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def embed_stream(self, items: Sequence[Any]) -> np.ndarray:
+        return self.embed_prepared(items)
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
         return self.embed_prepared([self.prepare(image) for image in images])

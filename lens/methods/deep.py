@@ -127,6 +127,20 @@ class HFBackbone(BaseMethod):
     def embed_prepared(self, items: Sequence[Any]) -> np.ndarray:
         return l2_normalise(self.features(torch.stack(list(items))).cpu().numpy())
 
+    @property
+    def streams(self) -> int:
+        """Batches a bulk embedding runs side by side (see :class:`~lens.methods.base.Method`): one
+        per thread of ONNX Runtime's session, each single-threaded; 1 in PyTorch."""
+        return self._onnx.threads if self._onnx is not None else 1
+
+    def embed_stream(self, items: Sequence[Any]) -> np.ndarray:
+        """``embed_prepared`` in one thread, safe to run in several threads at once (bulk embedding)."""
+        if self._onnx is None:
+            return self.embed_prepared(items)
+        # np.stack, not torch.stack: a torch op here would start an OpenMP team on every stream
+        pixels = np.stack([np.asarray(item, dtype=np.float32) for item in items])
+        return l2_normalise(self._onnx.single_threaded()(pixels).numpy())
+
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Pooled features of a prepared batch before L2 normalisation (what trained heads start from)."""
         with self._lock, torch.inference_mode():
