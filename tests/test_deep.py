@@ -118,3 +118,13 @@ def test_runtime_falls_back_to_pytorch_when_onnx_cannot_run(tiny_resnet, monkeyp
     monkeypatch.setenv("LENS_RUNTIME", "tensorrt")
     with pytest.raises(ModelLoadError, match="LENS_RUNTIME must be one of"):
         deep.HFBackbone("resnet50", str(tiny_resnet))
+
+
+def test_lens_runtime_setting_gives_its_own_loaded_method(tiny_resnet, monkeypatch):
+    spec = f"hf:{tiny_resnet}"
+    monkeypatch.setenv("LENS_RUNTIME", "torch")
+    eager = create_method(spec)
+    monkeypatch.setenv("LENS_RUNTIME", "onnx")
+    fast = create_method(spec)
+    assert (eager.runtime, fast.runtime) == ("torch", "onnxruntime")
+    assert create_method(spec) is fast

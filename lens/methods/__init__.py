@@ -46,8 +46,9 @@ MethodFactory = Callable[..., Method]
 _NAMES: dict[str, MethodFactory] = {}
 _PREFIXES: dict[str, MethodFactory] = {}
 _TRAINED: set[str] = set()
-_CACHE: dict[tuple[str, str | None, tuple[tuple[str, Any], ...]], tuple[tuple[int, ...], Method]] = {}
-_LOADING: dict[tuple[str, str | None, tuple[tuple[str, Any], ...]], threading.Lock] = {}
+_Key = tuple[str, str | None, tuple[tuple[str, Any], ...], str]  # spec, model, options, LENS_RUNTIME
+_CACHE: dict[_Key, tuple[tuple[int, ...], Method]] = {}
+_LOADING: dict[_Key, threading.Lock] = {}
 _LOCK = threading.Lock()
 _loaded = False
 
@@ -107,7 +108,9 @@ def create_method(spec: str, *, model: str | None = None, **options: Any) -> Met
     """
     spec = spec.strip()
     factory = _factory(spec)
-    key = (spec, model, tuple(sorted(options.items())))
+    # LENS_RUNTIME picks how deep methods run: a method loaded under another setting is another one
+    runtime = os.environ.get("LENS_RUNTIME", "").strip().lower() or "auto"
+    key = (spec, model, tuple(sorted(options.items())), runtime)
     stamp = _weights_stamp(model or spec.partition(":")[2])
     cached = _CACHE.get(key)
     if cached is not None and cached[0] == stamp:
