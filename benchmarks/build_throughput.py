@@ -2,14 +2,19 @@
 
 For each deep method and runtime (eager PyTorch, ONNX Runtime) and batch size, in one run:
 
-- **raw forward**: images/s of ``embed_prepared`` on batches of pre-decoded, pre-processed tensors
-  (no file reads, no decoding, no resizing): the model's own limit at that batch size;
+- **raw forward**: images/s of the model alone on batches of pre-decoded, pre-processed tensors (no
+  file reads, no decoding, no resizing), the best of two ways: one batch at a time through
+  ``embed_prepared`` (an ONNX Runtime session using every thread), and ``streams`` batches side by
+  side through ``embed_stream`` (one-thread sessions, as bulk embedding runs them). This is the
+  model's own limit at that batch size;
 - **index build**: images/s of ``Gallery.index`` on a fresh index of the same image files, end to
   end (file reads, decoding and preprocessing overlapped with the model on worker threads, the
   index built and the build published);
 - **naive**: images/s of the obvious loop (read one image, call the model on it, next);
 
-and prints build/raw (target >= 0.9) and build/naive.
+and prints build/raw (target >= 0.9) and build/naive, and the ceiling of build/raw on this machine:
+with every core busy running the model, decoding can only take time from it, so the ratio cannot
+pass model / (model + decoding) in core-milliseconds per image.
 
 Methods: EfficientNet-Lite0 with its real ImageNet weights from ../shared, and ResNet-50 and
 DINOv2-small (the ``resnet50`` and ``vit`` presets' architectures) random-initialised, since their
@@ -70,9 +75,23 @@ def raw_forward(method, prepared: list, batch_size: int, repeats: int = 2) -> fl
     return best
 
 
+def raw_streams(method, prepared: list, batch_size: int, repeats: int = 2) -> float:
+    """Images/s of the model alone run as bulk embedding runs it: ``method.streams`` batches at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    batches = [prepared[i : i + batch_size] for i in range(0, len(prepared), batch_size)]
+    best = 0.0
+    with ThreadPoolExecutor(method.streams) as pool:
+        list(pool.map(method.embed_stream, batches[: method.streams]))  # warm-up
+        for _ in range(repeats):
+            started = time.perf_counter()
+            list(pool.map(method.embed_stream, batches))
+            best = max(best, rate(len(prepared), time.perf_counter() - started))
+    return best
+
+
 def index_build(spec: str, model: str, files: list[Path], batch_size: int, work: Path) -> float:
     """Images/s of a fresh ``Gallery.index`` over ``files`` (linked into one folder)."""
-    import lens.methods
     from lens import Gallery
 
     folder = Path(tempfile.mkdtemp(prefix="gallery-", dir=work))
@@ -82,7 +101,6 @@ def index_build(spec: str, model: str, files: list[Path], batch_size: int, work:
     gallery.method(spec)  # loaded (and exported) before the clock starts, as in a running app
     [report] = gallery.index([spec], batch_size=batch_size, progress=False)
     assert report.count == len(files), report.skipped
-    lens.methods._CACHE.clear()
     return rate(report.count, report.seconds)
 
 
@@ -131,28 +149,37 @@ def main() -> None:
             prepared = [method.prepare(load_image(path)) for path in subset]
             decode_ms = 1000 * (time.perf_counter() - started) / len(subset)
             one_by_one = naive(method, subset[: args.naive_images])
+            cores = min(os.cpu_count() or 1, torch.get_num_threads())
             for batch_size in map(int, args.batch_sizes.split(",")):
-                raw = raw_forward(method, prepared, batch_size)
+                one_at_a_time = raw_forward(method, prepared, batch_size)
+                side_by_side = raw_streams(method, prepared, batch_size) if method.streams > 1 else 0.0
+                raw = max(one_at_a_time, side_by_side)
                 built = index_build(spec, folder, subset, batch_size, work)
-                rows.append((name, method.runtime, batch_size, raw, built, one_by_one, decode_ms))
-                print(f"{name:8s} {method.runtime:11s} batch {batch_size:3d}: raw forward {raw:6.1f} img/s, "
-                      f"index build {built:6.1f} img/s (x{built / raw:.2f} of raw), naive {one_by_one:6.1f} img/s "
-                      f"(build x{built / one_by_one:.1f}); read+decode+preprocess {decode_ms:.1f} ms/img",
-                      flush=True)
+                model_ms = 1000 * cores / raw  # core-milliseconds per image of the model at its best
+                ceiling = model_ms / (model_ms + decode_ms)
+                rows.append((name, method.runtime, batch_size, one_at_a_time, side_by_side, built, one_by_one,
+                             decode_ms, ceiling))
+                print(f"{name:8s} {method.runtime:11s} batch {batch_size:3d}: raw forward {one_at_a_time:6.1f} "
+                      f"img/s one batch at a time, {side_by_side:6.1f} in {method.streams} streams; index build "
+                      f"{built:6.1f} img/s (x{built / raw:.2f} of raw, ceiling x{ceiling:.2f}), naive "
+                      f"{one_by_one:6.1f} img/s (build x{built / one_by_one:.1f}); read+decode+preprocess "
+                      f"{decode_ms:.1f} ms/img", flush=True)
             del method, prepared
-    print("\n| method | runtime | batch | raw forward img/s | index build img/s | build / raw | naive img/s "
-          "| build / naive | read+decode+prep ms/img (1 thread) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name, runtime, batch_size, raw, built, one_by_one, decode_ms in rows:
-        print(f"| {name} | {runtime} | {batch_size} | {raw:.1f} | {built:.1f} | {built / raw:.2f} | "
-              f"{one_by_one:.1f} | {built / one_by_one:.1f}x | {decode_ms:.1f} |")
+    print("\n| method | runtime | batch | raw forward img/s, one batch at a time | raw forward img/s, streams "
+          "| index build img/s | build / best raw | ceiling | naive img/s | build / naive "
+          "| read+decode+prep ms/img (1 thread) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, runtime, batch_size, one, streams, built, one_by_one, decode_ms, ceiling in rows:
+        print(f"| {name} | {runtime} | {batch_size} | {one:.1f} | {streams or float('nan'):.1f} | {built:.1f} | "
+              f"{built / max(one, streams):.2f} | {ceiling:.2f} | {one_by_one:.1f} | {built / one_by_one:.1f}x "
+              f"| {decode_ms:.1f} |")
     best = {}
     for row in rows:
-        if row[4] > best.get(row[0], (0, 0, 0, 0, 0))[4]:
+        if row[5] > best.get(row[0], (0,) * 9)[5]:
             best[row[0]] = row
     print("\nfastest build per method: " + ", ".join(
-        f"{n} {r[1]} batch {r[2]}: {r[4]:.1f} img/s = x{r[4] / r[3]:.2f} of raw, x{r[4] / r[5]:.1f} of naive"
-        for n, r in best.items()))
+        f"{n} {r[1]} batch {r[2]}: {r[5]:.1f} img/s = x{r[5] / max(r[3], r[4]):.2f} of raw, "
+        f"x{r[5] / r[6]:.1f} of naive" for n, r in best.items()))
 
 
 if __name__ == "__main__":
