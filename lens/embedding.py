@@ -8,7 +8,7 @@ Two ways, chosen by the method's ``streams`` (see :class:`lens.methods.base.Meth
 - side by side (``streams > 1``, the deep backbones in ONNX Runtime): each of ``streams`` threads
   reads, decodes and prepares a batch and then runs it through a one-thread model. While one stream
   decodes, the other's model has the cores, and no core is kept spinning idle. On 2 cores this builds
-  EfficientNet-Lite0 indexes about 25% faster (docs/performance.md, section 1).
+  EfficientNet-Lite0 indexes 16-21% faster (docs/performance.md, section 1).
 """
 
 from __future__ import annotations

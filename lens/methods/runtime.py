@@ -77,7 +77,7 @@ class OnnxForward:
         """The same model in a one-thread session (made on first use), for bulk embedding.
 
         On 2 cores, two one-thread runs side by side get more images/s out of a light CNN than one
-        two-thread run (EfficientNet-Lite0: about 170 against 150 img/s), and they leave room for
+        two-thread run (EfficientNet-Lite0: 167 against 141 img/s at batch 8), and they leave room for
         decoding in between. A session's ``run`` is safe to call from several threads at once.
         """
         with self._single_lock:
