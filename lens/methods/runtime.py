@@ -30,6 +30,10 @@ from lens.errors import ModelLoadError
 log = logging.getLogger("lens")
 
 RUNTIMES = ("auto", "onnx", "torch")
+# Tracing a backbone for export warns about Python values it freezes; the export is checked against
+# PyTorch instead. A filter here, not only in _export: warnings.catch_warnings is not thread-safe, and
+# the app exports on a background thread.
+warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
 _EXPORTING = threading.Lock()
 #: Largest difference between PyTorch's and ONNX Runtime's features on the probe that is accepted.
 TOLERANCE = 1e-3
