@@ -130,10 +130,15 @@ def _streamed(
         items = [item for item, error in results if error is None]
         return results, np.asarray(method.embed_stream(items)) if items else None
 
-    with ThreadPoolExecutor(max_workers=streams, thread_name_prefix="lens-embed") as pool:
-        # one batch queued beyond the streams, so a stream that finishes starts the next at once
-        for batch, future in _ahead(lambda b: pool.submit(run, b), _batches(paths, batch_size), streams + 1):
-            yield (batch, *future.result())
+    try:
+        with ThreadPoolExecutor(max_workers=streams, thread_name_prefix="lens-embed") as pool:
+            # one batch queued beyond the streams, so a stream that finishes starts the next at once
+            for batch, future in _ahead(lambda b: pool.submit(run, b), _batches(paths, batch_size), streams + 1):
+                yield (batch, *future.result())
+    finally:
+        release = getattr(method, "release_streams", None)
+        if release is not None:
+            release()
 
 
 def _batches(paths: Sequence[Path], batch_size: int) -> list[Sequence[Path]]:

@@ -51,7 +51,8 @@ class Method(Protocol):
     embed_files`) should run side by side, each thread reading, decoding, preparing and then calling
     ``embed_stream(items)``: the same vectors as ``embed_prepared``, single-threaded and safe to call
     from several threads at once. With 1, worker threads decode while the calling thread runs
-    ``embed_prepared`` on the previous batch.
+    ``embed_prepared`` on the previous batch. After the last batch, bulk embedding calls
+    ``release_streams()`` (optional) so that what the streams held is freed.
     """
 
     info: MethodInfo
@@ -113,6 +114,9 @@ class BaseMethod:
 
     def embed_stream(self, items: Sequence[Any]) -> np.ndarray:
         return self.embed_prepared(items)
+
+    def release_streams(self) -> None:
+        pass
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
         return self.embed_prepared([self.prepare(image) for image in images])

@@ -141,6 +141,11 @@ class HFBackbone(BaseMethod):
         pixels = np.stack([np.asarray(item, dtype=np.float32) for item in items])
         return l2_normalise(self._onnx.single_threaded()(pixels).numpy())
 
+    def release_streams(self) -> None:
+        """Free the one-thread session bulk embedding used, with its working memory."""
+        if self._onnx is not None:
+            self._onnx.release_single_threaded()
+
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Pooled features of a prepared batch before L2 normalisation (what trained heads start from)."""
         with self._lock, torch.inference_mode():

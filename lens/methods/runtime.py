@@ -89,6 +89,13 @@ class OnnxForward:
                 self._single = self if self.threads == 1 else OnnxForward(self.path, 1)
             return self._single
 
+    def release_single_threaded(self) -> None:
+        """Drop the one-thread session and the memory its runs hold (EfficientNet-Lite0 in two
+        streams of 32: about 1.3 GB); runs still in flight finish on it, the next makes a new one."""
+        with self._single_lock:
+            if self._single is not self:
+                self._single = None
+
 
 def onnx_forward(
     module: torch.nn.Module, key: str, probe: torch.Tensor, expected: torch.Tensor, *, threads: int | None = None
