@@ -64,7 +64,7 @@ def _index_parser(sub: argparse._SubParsersAction) -> Handler:
                              "annoy, annoy:trees=100, faiss:Flat, faiss:HNSW32:efSearch=64, "
                              "faiss:IVF256,PQ16:nprobe=16, faiss:PQ32:rerank=100, lsh:256:rerank=100 "
                              "(see docs/index-backends.md)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, help="images per model call (default: 8 on CPU, 32 on a GPU)")
     parser.add_argument("--workers", type=int, default=2, help="image decoding threads")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_common(parser)
@@ -274,7 +274,7 @@ def _eval_parser(sub: argparse._SubParsersAction) -> Handler:
     _add_detector_options(parser, weights_flag="--detector-weights")
     parser.add_argument("--max-queries", type=int, help="evaluate a seeded random sample of the queries")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, help="images per model call (default: 8 on CPU, 32 on a GPU)")
     parser.add_argument("--out", metavar="DIR", help="where the report goes (default: eval/<dataset name>)")
     parser.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
                         help="weights for a method (repeatable); a trainable method given a model here is "

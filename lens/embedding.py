@@ -48,11 +48,23 @@ def _prepare(method: Method, path: Path) -> tuple[Any, str | None]:
         return None, str(exc) or type(exc).__name__
 
 
+#: Images per model call when none is asked for. On 2 CPU cores batches of 8 were as fast as or faster
+#: than 32 for every backbone in both runtimes (EfficientNet-Lite0 in ONNX Runtime: 117 vs 106 img/s)
+#: and hold a quarter of the memory; a GPU wants bigger batches.
+CPU_BATCH_SIZE, GPU_BATCH_SIZE = 8, 32
+
+
+def default_batch_size(method: Method) -> int:
+    """``GPU_BATCH_SIZE`` when ``method`` runs on a GPU, else ``CPU_BATCH_SIZE``."""
+    device = getattr(method, "device", None)
+    return GPU_BATCH_SIZE if getattr(device, "type", "cpu") == "cuda" else CPU_BATCH_SIZE
+
+
 def embed_files(
     method: Method,
     paths: Sequence[Path],
     *,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     workers: int = 2,
     prefetch: int = 2,
     progress: bool = True,
@@ -66,8 +78,10 @@ def embed_files(
     ``keep_prepared`` also returns what ``prepare`` gave for each embedded file (for methods that
     store per-image data in the index, like SIFT's keypoints). ``workers`` decoding threads and
     ``prefetch`` batches ahead apply to methods that embed one batch at a time; a method with
-    ``streams > 1`` decodes on its streams' threads.
+    ``streams > 1`` decodes on its streams' threads. ``batch_size`` defaults to
+    :func:`default_batch_size`.
     """
+    batch_size = batch_size or default_batch_size(method)
     chunks: list[np.ndarray] = []
     kept: list[Any] = []
     done: list[Path] = []

@@ -117,7 +117,7 @@ def evaluate_method(
     *,
     top: int | None = None,
     index_spec: str | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     data_seen: str = "nothing from this dataset (pretrained or model-free)",
 ) -> MethodResult:
     started = time.perf_counter()

@@ -23,7 +23,7 @@ from typing import Any, Literal, Union
 import numpy as np
 from filelock import FileLock
 
-from lens.embedding import embed_files
+from lens.embedding import default_batch_size, embed_files
 from lens.errors import CorruptIndexError, IndexNotFoundError, LensError
 from lens.images import ImageSource, crop, iter_image_files, load_image
 from lens.index import DEFAULT_INDEX, create_index, default_index, rerank_exact
@@ -162,7 +162,7 @@ class Gallery:
         methods: Iterable[str],
         *,
         index_spec: str | None = None,
-        batch_size: int = 32,
+        batch_size: int | None = None,
         workers: int = 2,
         progress: bool = True,
         on_progress: Callable[[str, int, int], None] | None = None,
@@ -170,6 +170,7 @@ class Gallery:
         """Build or refresh the index of every method; only new or changed images are embedded.
 
         ``progress`` shows a progress bar; ``on_progress(method, done, total)`` reports each batch.
+        ``batch_size`` (images per model call) defaults to 8 on CPU and 32 on a GPU.
         """
         items = self.scan()
         if not items:
@@ -184,7 +185,7 @@ class Gallery:
         spec: str,
         items: list[Item],
         index_spec: str | None,
-        batch_size: int,
+        batch_size: int | None,
         workers: int,
         progress: bool,
         on_progress: Callable[[str, int, int], None] | None,
@@ -200,6 +201,7 @@ class Gallery:
             if keeps_items and not restored:
                 cached = {}  # its stored per-image data is not reusable: prepare every image again
             fresh = [item for item in items if item not in cached]
+            batch_size = batch_size or default_batch_size(method)
             embed_started = time.perf_counter()
             embedded = embed_files(
                 method, [self.root / item.path for item in fresh],

@@ -50,6 +50,8 @@ def test_index_is_written_under_the_method_folder_with_a_manifest(gallery, tiny_
     assert manifest["index"] == "annoy" and manifest["weights"].startswith("sha256:")
     assert {"index.ann", "items.json", "vectors.npy"} <= set(manifest["files"])
     assert gallery.indexed_methods() == ["resnet50"]
+    on_gpu = gallery.method("resnet50").device.type == "cuda"
+    assert manifest["build"]["batch_size"] == (32 if on_gpu else 8)  # the default where the model runs
 
 
 def test_box_searches_only_that_region(gallery, gallery_dir, tmp_path):
