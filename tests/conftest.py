@@ -100,6 +100,16 @@ def tiny_dinov2(tmp_path_factory) -> Path:
     return _save_tiny_dinov2(tmp_path_factory.mktemp("tiny-dinov2"), seed=0)
 
 
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """The near-duplicate test photos (tests/near_duplicates.py) in a folder, written once per module."""
+    from near_duplicates import write_photos
+
+    folder = tmp_path_factory.mktemp("photos")
+    write_photos(folder)
+    return folder
+
+
 @pytest.fixture()
 def gallery_dir(tmp_path) -> Path:
     folder = tmp_path / "photos"

@@ -9,7 +9,7 @@ from pathlib import Path
 import imagehash
 import numpy as np
 import pytest
-from near_duplicates import PHOTOS, VARIANTS, photo, shared_path, write_photos
+from near_duplicates import PHOTOS, VARIANTS, photo, shared_path
 
 from lens import Gallery, create_method
 from lens.errors import LensError
@@ -19,13 +19,6 @@ HASHES = ["phash", "dhash", "ahash"]
 #: large crops change the code too much
 SURVIVED_BY_HASHES = ["resize", "jpeg", "brighter", "crop90"]
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("photos")
-    write_photos(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

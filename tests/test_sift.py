@@ -25,13 +25,6 @@ FEW = 4  #: candidates re-ranked in the tests: far fewer than the gallery, so th
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("photos")
-    write_photos(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def gallery(photos, tmp_path_factory) -> Gallery:
     gallery = Gallery(photos, tmp_path_factory.mktemp("indexes"))
     gallery.index(["sift"], progress=False)
