@@ -31,6 +31,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -58,34 +59,48 @@ def architecture_folders(work: Path) -> dict[str, tuple[str, str]]:
     return {"effnet": ("hf", str(EFFNET)), "resnet50": ("resnet50", str(resnet)), "vit": ("vit", str(dinov2))}
 
 
+class Row(NamedTuple):
+    name: str
+    runtime: str
+    batch_size: int
+    one_at_a_time: float  #: raw forward img/s, one batch at a time
+    streams: float  #: raw forward img/s in side-by-side streams (0 when the method has one stream)
+    built: float  #: index build img/s
+    naive: float  #: one image at a time, img/s
+    decode_ms: float  #: read + decode + preprocess, ms per image
+    ceiling: float  #: the best build / raw this machine allows
+
+    @property
+    def raw(self) -> float:
+        return max(self.one_at_a_time, self.streams)
+
+
 def rate(count: int, seconds: float) -> float:
     return count / seconds if seconds > 0 else float("inf")
 
 
-def raw_forward(method, prepared: list, batch_size: int, repeats: int = 2) -> float:
-    """Images/s of the model alone on pre-processed tensors (best of ``repeats`` passes)."""
-    batches = [prepared[i : i + batch_size] for i in range(0, len(prepared), batch_size)]
-    method.embed_prepared(batches[0])  # warm-up
-    best = 0.0
-    for _ in range(repeats):
-        started = time.perf_counter()
-        for batch in batches:
-            method.embed_prepared(batch)
-        best = max(best, rate(len(prepared), time.perf_counter() - started))
-    return best
+def raw_forward(method, prepared: list, batch_size: int, *, streams: int = 1, repeats: int = 2) -> float:
+    """Images/s of the model alone on pre-processed tensors, best of ``repeats`` passes.
 
-
-def raw_streams(method, prepared: list, batch_size: int, repeats: int = 2) -> float:
-    """Images/s of the model alone run as bulk embedding runs it: ``method.streams`` batches at once."""
+    ``streams == 1``: one batch at a time through ``embed_prepared`` (how queries run the model);
+    more: that many batches side by side through ``embed_stream`` (how bulk embedding runs it).
+    """
     from concurrent.futures import ThreadPoolExecutor
 
     batches = [prepared[i : i + batch_size] for i in range(0, len(prepared), batch_size)]
     best = 0.0
-    with ThreadPoolExecutor(method.streams) as pool:
-        list(pool.map(method.embed_stream, batches[: method.streams]))  # warm-up
+    with ThreadPoolExecutor(streams) as pool:
+        if streams == 1:  # on the calling thread, as a query runs
+            def run_all(batches: list) -> None:
+                for batch in batches:
+                    method.embed_prepared(batch)
+        else:
+            def run_all(batches: list) -> None:
+                list(pool.map(method.embed_stream, batches))
+        run_all(batches[:streams])  # warm-up
         for _ in range(repeats):
             started = time.perf_counter()
-            list(pool.map(method.embed_stream, batches))
+            run_all(batches)
             best = max(best, rate(len(prepared), time.perf_counter() - started))
     return best
 
@@ -163,13 +178,14 @@ def main() -> None:
             cores = min(os.cpu_count() or 1, torch.get_num_threads())
             for batch_size in map(int, args.batch_sizes.split(",")):
                 one_at_a_time = raw_forward(method, prepared, batch_size)
-                side_by_side = raw_streams(method, prepared, batch_size) if method.streams > 1 else 0.0
+                side_by_side = (raw_forward(method, prepared, batch_size, streams=method.streams)
+                                if method.streams > 1 else 0.0)
                 raw = max(one_at_a_time, side_by_side)
                 built = index_build(spec, folder, subset, batch_size, work)
                 model_ms = 1000 * cores / raw  # core-milliseconds per image of the model at its best
                 ceiling = model_ms / (model_ms + decode_ms)
-                rows.append((name, method.runtime, batch_size, one_at_a_time, side_by_side, built, one_by_one,
-                             decode_ms, ceiling))
+                rows.append(Row(name, method.runtime, batch_size, one_at_a_time, side_by_side, built, one_by_one,
+                                decode_ms, ceiling))
                 print(f"{name:8s} {method.runtime:11s} batch {batch_size:3d}: raw forward {one_at_a_time:6.1f} "
                       f"img/s one batch at a time, {side_by_side:6.1f} in {method.streams} streams; index build "
                       f"{built:6.1f} img/s (x{built / raw:.2f} of raw, ceiling x{ceiling:.2f}), naive "
@@ -180,19 +196,14 @@ def main() -> None:
           "| index build img/s | build / best raw | ceiling | naive img/s | build / naive "
           "| read+decode+prep ms/img (1 thread) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name, runtime, batch_size, one, streams, built, one_by_one, decode_ms, ceiling in rows:
-        side = f"{streams:.1f}" if streams else "–"
-        print(f"| {name} | {runtime} | {batch_size} | {one:.1f} | {side} | {built:.1f} | "
-              f"{built / max(one, streams):.2f} | {ceiling:.2f} | {one_by_one:.1f} | {built / one_by_one:.1f}x "
-              f"| {decode_ms:.1f} |")
-    best = {}
-    for row in rows:
-        if row[5] > best.get(row[0], (0,) * 9)[5]:
-            best[row[0]] = row
+    for r in rows:
+        side = f"{r.streams:.1f}" if r.streams else "–"
+        print(f"| {r.name} | {r.runtime} | {r.batch_size} | {r.one_at_a_time:.1f} | {side} | {r.built:.1f} | "
+              f"{r.built / r.raw:.2f} | {r.ceiling:.2f} | {r.naive:.1f} | {r.built / r.naive:.1f}x | {r.decode_ms:.1f} |")
+    fastest = {r.name: max((o for o in rows if o.name == r.name), key=lambda o: o.built) for r in rows}
     print("\nfastest build per method: " + ", ".join(
-        f"{n} {r[1]} batch {r[2]}: {r[5]:.1f} img/s = x{r[5] / max(r[3], r[4]):.2f} of raw, "
-        f"x{r[5] / r[6]:.1f} of naive" for n, r in best.items()))
-
+        f"{n} {r.runtime} batch {r.batch_size}: {r.built:.1f} img/s = x{r.built / r.raw:.2f} of raw, "
+        f"x{r.built / r.naive:.1f} of naive" for n, r in fastest.items()))
 
 if __name__ == "__main__":
     main()

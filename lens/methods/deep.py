@@ -137,7 +137,7 @@ class HFBackbone(BaseMethod):
         """``embed_prepared`` in one thread, safe to run in several threads at once (bulk embedding)."""
         if self._onnx is None:
             return self.embed_prepared(items)
-        # np.stack, not torch.stack: a torch op here would start an OpenMP team on every stream
+        # ONNX Runtime takes numpy arrays: no torch op (and its thread pool) on the streams' threads
         pixels = np.stack([np.asarray(item, dtype=np.float32) for item in items])
         return l2_normalise(self._onnx.single_threaded()(pixels).numpy())
 
