@@ -83,7 +83,14 @@ class IndexReport:
 
 
 class Gallery:
-    """A folder of images (searched recursively) and where its indexes live."""
+    """A folder of images (searched recursively) and where its indexes live.
+
+    ``files`` (optional) makes the gallery an explicit list instead: {id: file}, each file once, ids
+    chosen by the caller (usually paths relative to ``root``; a file may lie outside ``root``). Exactly
+    those files are indexed and nothing is scanned (``lens eval``: a dataset's gallery plus distractors).
+    ``learn_from`` (optional): the ids that methods learning from the gallery (SIFT's vocabulary) are
+    fitted on; default every image.
+    """
 
     def __init__(
         self,
@@ -92,6 +99,8 @@ class Gallery:
         *,
         models: Mapping[str, str] | None = None,
         models_dir: str | Path | None = None,
+        files: Mapping[str, str | Path] | None = None,
+        learn_from: Iterable[str] | None = None,
     ):
         self.root = Path(root)
         if not self.root.is_dir():
@@ -101,6 +110,9 @@ class Gallery:
         self.models = dict(models or {})  #: method name -> hub id or local path replacing its default
         #: where ``lens train`` puts this gallery's trained models, one folder per method
         self.models_dir = Path(models_dir) if models_dir else Path("models") / self.name
+        #: the explicit gallery, id -> file; None: every image below ``root``, id = its relative path
+        self.files = {str(key): Path(file) for key, file in files.items()} if files is not None else None
+        self.learn_from = set(learn_from) if learn_from is not None else None
         #: spec -> (live index, the method fitted to it, the base method it was made from)
         self._opened: dict[str, tuple[StoredIndex, Method, Method]] = {}
         self._lock = threading.Lock()  # guards the two dicts
@@ -148,14 +160,33 @@ class Gallery:
     def manifest(self, spec: str) -> dict[str, Any] | None:
         return read_manifest(self.method_dir(spec))
 
+    def file(self, path: str) -> Path:
+        """Where the gallery image with id ``path`` is on disk."""
+        if self.files is not None and path in self.files:
+            return self.files[path]
+        return self.root / path
+
     # -- indexing --------------------------------------------------------------------------------
     def scan(self) -> list[Item]:
-        """Every image file below the root (the index folder excluded), with what identifies its version."""
+        """Every image file below the root (the index folder excluded), with what identifies its version.
+
+        For an explicit gallery (``files=``): exactly its files, in the order given.
+        """
+        if self.files is not None:
+            return [self._listed_item(key, file) for key, file in self.files.items()]
         items = []
         for path in iter_image_files(self.root, exclude=(self.index_dir,)):
             stat = path.stat()
             items.append(Item(path.relative_to(self.root).as_posix(), stat.st_size, stat.st_mtime_ns))
         return items
+
+    @staticmethod
+    def _listed_item(key: str, file: Path) -> Item:
+        try:
+            stat = file.stat()
+        except OSError as exc:
+            raise LensError(f"gallery image '{file}' cannot be read: {exc.strerror or exc}") from exc
+        return Item(key, stat.st_size, stat.st_mtime_ns)
 
     def index(
         self,
@@ -203,17 +234,16 @@ class Gallery:
             fresh = [item for item in items if item not in cached]
             batch_size = batch_size or default_batch_size(method)
             embed_started = time.perf_counter()
+            files = {self.file(item.path): item.path for item in fresh}
             embedded = embed_files(
-                method, [self.root / item.path for item in fresh],
+                method, list(files),
                 batch_size=batch_size, workers=workers, progress=progress, desc=spec,
                 on_progress=(lambda done, total: on_progress(spec, done, total)) if on_progress else None,
                 keep_prepared=keeps_items,
             )
             embed_seconds = time.perf_counter() - embed_started
             by_path = {item.path: item for item in fresh}
-            new_rows = {
-                path.relative_to(self.root).as_posix(): row for row, path in enumerate(embedded.paths)
-            }
+            new_rows = {files[path]: row for row, path in enumerate(embedded.paths)}
             kept: list[Item] = []
             rows: list[np.ndarray] = []
             per_item: list[Any] = []  # prepare() outputs kept in the build, for LearnsFromGallery
@@ -235,7 +265,7 @@ class Gallery:
             chosen = index_spec or previous_spec
             index = create_index(chosen or default_index(len(vectors), info.metric), info.dim, info.metric)
             index.build(vectors)
-            skipped = [(p.relative_to(self.root).as_posix(), why) for p, why in embedded.skipped]
+            skipped = [(files[p], why) for p, why in embedded.skipped]
             folder = publish(
                 method_dir, info, kept, vectors, index,
                 build={
@@ -268,7 +298,8 @@ class Gallery:
                 return base.load_state(build), True
             except LensError as exc:
                 log.warning("%s: cannot reuse what the last build learned (%s); learning it again", spec, exc)
-        return base.fit([self.root / item.path for item in items]), False
+        learn_from = [item for item in items if self.learn_from is None or item.path in self.learn_from]
+        return base.fit([self.file(item.path) for item in learn_from]), False
 
     def _cached_vectors(
         self, method_dir: Path, method: Method
@@ -365,7 +396,7 @@ class Gallery:
             reranked = [searcher.rerank(item, row[:count], min(k, count)) for item, row in zip(prepared, ids)]
             tails = [(row_ids[count:k], row_scores[count:k]) for row_ids, row_scores in zip(ids, scores)]
             return [
-                [SearchResult(rank + 1, stored.items[i].path, float(score), self.root / stored.items[i].path,
+                [SearchResult(rank + 1, stored.items[i].path, float(score), self.file(stored.items[i].path),
                               searcher.score_kind if rank < len(top_ids) else stored.index.metric)
                  for rank, (i, score) in enumerate(zip([*top_ids, *tail_ids], [*top_scores, *tail_scores]))
                  if i >= 0]
@@ -378,7 +409,7 @@ class Gallery:
             ranked = [(row_ids[:k], row_scores[:k]) for row_ids, row_scores in zip(ids, scores)]
         return [
             [
-                SearchResult(rank + 1, stored.items[i].path, float(score), self.root / stored.items[i].path,
+                SearchResult(rank + 1, stored.items[i].path, float(score), self.file(stored.items[i].path),
                              kind)
                 for rank, (i, score) in enumerate(zip(row_ids, row_scores))
                 if i >= 0
