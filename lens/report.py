@@ -2,8 +2,7 @@
 
 Methods are named short in tables and plots (a ``hf:`` path by its folder name; the full spec in a
 footnote), and the written files name no absolute path of the measuring machine: paths inside the
-dataset are written as the dataset argument was typed, the rest relative to the working directory
-or the home folder.
+dataset are written as the dataset argument was typed, other paths relative to the working directory.
 """
 
 from __future__ import annotations
@@ -198,21 +197,37 @@ def plot_samples(results: Sequence[MethodResult], dataset: Dataset, path: Path, 
     plt.close(fig)
 
 
-def portable(text: str, typed_dataset: str | None, dataset_root: Path | None) -> str:
-    """``text`` without absolute paths of this machine: the dataset's folder as typed, the working
-    directory as ``.``, the home folder as ``~``."""
-    replacements = []
-    if typed_dataset is not None and dataset_root is not None:
-        replacements.append((str(dataset_root.resolve()), typed_dataset.rstrip("/") or typed_dataset))
-    cwd = os.getcwd()
-    replacements += [(cwd, "."), (os.path.realpath(cwd), ".")]
-    home = os.path.expanduser("~")
-    if home not in ("/", "~", ""):
-        replacements += [(home, "~"), (os.path.realpath(home), "~")]
-    for old, new in sorted(set(replacements), key=lambda pair: -len(pair[0])):
-        if len(old) > 1:
-            text = re.sub(re.escape(old) + r"(?=$|[/\\\s'\"`),;:])", new.replace("\\", "\\\\"), text)
-    return text
+#: an absolute path in running text: a "/" that does not continue a word, a number or another path
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~@/\\-])/[\w.+-]+(?:/[\w.+-]+)*/?")
+
+
+def portable(text: str, typed_dataset: str | None = None) -> str:
+    """``text`` without absolute paths of this machine.
+
+    The dataset's folder is written as ``typed_dataset`` (the argument as typed); any other absolute
+    path that exists here, or lies in the working directory, becomes relative to the working directory (``~/...`` when it lies in the
+    home folder far outside it). Text that is not an existing path is left as it is.
+    """
+    if typed_dataset:
+        resolved = str(Path(typed_dataset).resolve())
+        if resolved != "/":
+            typed = typed_dataset.rstrip("/") or typed_dataset
+            text = re.sub(r"(?<![\w.~@/\\-])" + re.escape(resolved) + r"(?=$|[/\s'\"`),;:\]])",
+                          lambda _: typed, text)
+    home = os.path.realpath(os.path.expanduser("~"))
+
+    def relative(match: re.Match[str]) -> str:
+        path = match.group(0)
+        cwd = os.getcwd()
+        if not os.path.exists(path) and not (path + "/").startswith(cwd.rstrip("/") + "/"):
+            return path
+        real = os.path.realpath(path)
+        rel = os.path.relpath(real)
+        if rel.startswith(os.path.join("..", "..", "..")) and home != "/" and (real + "/").startswith(home + "/"):
+            rel = "~" + real[len(home):]
+        return rel + ("/" if path.endswith("/") and not rel.endswith("/") else "")
+
+    return _ABSOLUTE_PATH.sub(relative, text)
 
 
 def gallery_note(dataset: Dataset, distractors: Mapping[str, int]) -> str:
@@ -245,9 +260,8 @@ def write_report(
                "gallery": {"dataset_images": len(dataset.gallery), "distractors": sum(distractors.values()),
                            "indexed": indexed},
                **env, "methods": [r.summary() for r in results]}
-    root = Path(typed_dataset) if typed_dataset is not None else None
     text = json.dumps(payload, indent=2, default=str) + "\n"
-    (out / "results.json").write_text(portable(text, typed_dataset, root))
+    (out / "results.json").write_text(portable(text, typed_dataset))
     depth = f"top {config['top']}" if config.get("top") else "the full ranking"
     names = short_names([r.method for r in results])
     seen = "\n".join(f"- **{names[r.method]}**: {r.data_seen or '–'}" for r in results)
@@ -287,5 +301,5 @@ What each method learnt from:
 
 ![sample queries](samples.png)
 """
-    (out / "report.md").write_text(portable(report, typed_dataset, root))
+    (out / "report.md").write_text(portable(report, typed_dataset))
     return out / "report.md"

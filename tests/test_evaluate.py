@@ -226,3 +226,21 @@ def test_distractors_bad_folders_are_refused(tmp_path):
         done = lens("eval", "flips", "--methods", "phash", "--distractors", folder, cwd=tmp_path)
         assert done.returncode != 0 and message in done.stderr, done.stderr
         assert "Traceback" not in done.stderr
+
+
+def test_report_names_methods_short_and_writes_no_absolute_paths(tmp_path, monkeypatch):
+    from lens.report import portable, short_names
+
+    names = short_names(["phash", "hf:../weights/efficientnet_lite0.in1k/", "hf:facebook/dinov2-base",
+                         "siamese:models/x/siamese", "hf:a/same", "hf:b/same"])
+    assert names == {"phash": "phash", "hf:../weights/efficientnet_lite0.in1k/": "efficientnet_lite0.in1k",
+                     "hf:facebook/dinov2-base": "dinov2-base", "siamese:models/x/siamese": "siamese:siamese",
+                     "hf:a/same": "hf:a/same", "hf:b/same": "hf:b/same"}  # a shared short name: full specs
+    (tmp_path / "work").mkdir()
+    (tmp_path / "data" / "set" / "images").mkdir(parents=True)
+    (tmp_path / "weights").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    text = (f"gallery {tmp_path}/data/set/images; model hf:{tmp_path}/weights, "
+            f"out {tmp_path}/work/eval; R@1/5/10, 1 - distance / bits, /no/such/path")
+    assert portable(text, "../data/set") == ("gallery ../data/set/images; model hf:../weights, out eval; "
+                                            "R@1/5/10, 1 - distance / bits, /no/such/path")
