@@ -338,7 +338,7 @@ def _run_eval(args: argparse.Namespace) -> int:
               "distractors": per_folder}
     command = "lens " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     report = write_report(results, dataset, out, config, environment(), command,
-                          gallery_files={key: gallery.file(key) for key in gallery.files or {}},
+                          gallery_files=gallery.files,
                           typed_dataset=args.dataset)
     print(f"report: {report}")
     return 0
