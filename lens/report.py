@@ -157,10 +157,12 @@ def _tile(path: Path, size: int, frame: str | None) -> Image.Image:
 
 
 def plot_samples(results: Sequence[MethodResult], dataset: Dataset, path: Path, queries: int = 4,
-                 top: int = 5, size: int = 96, files: Mapping[str, Path] | None = None) -> None:
+                 top: int = 5, size: int = 96, files: Mapping[str, Path] | None = None,
+                 max_rows: int = 16) -> None:
     """A grid: for a few queries, each method's top results framed green (relevant) or red (not).
 
-    The first column names the method (wrapped to fit), the second shows the query. ``files`` maps
+    The first column names the method (wrapped to fit), the second shows the query. Fewer queries are
+    shown when there are many methods (at most ``max_rows`` rows, at least one query). ``files`` maps
     gallery ids to files where they are not below the dataset's gallery folder (distractors).
     """
     ok = [r for r in results if not r.error and r.rankings]
@@ -168,13 +170,15 @@ def plot_samples(results: Sequence[MethodResult], dataset: Dataset, path: Path, 
         return
     files = files or {}
     names = short_names([r.method for r in results])
+    queries = max(1, min(queries, max_rows // len(ok)))
     chosen = ok[0].rankings[:: max(1, len(ok[0].rankings) // queries)][:queries]
     rows = [(q.query, r) for q in chosen for r in ok]
-    fig, axes = plt.subplots(len(rows), top + 2, figsize=((top + 2.2) * 1.3, len(rows) * 1.4), squeeze=False,
-                             gridspec_kw={"width_ratios": [1.2] + [1] * (top + 1)})
+    height = len(rows) * 1.4 + 0.4
+    fig, axes = plt.subplots(len(rows), top + 2, figsize=((top + 2.5) * 1.3, height), squeeze=False,
+                             gridspec_kw={"width_ratios": [1.5] + [1] * (top + 1)})
     for row, (query, result) in enumerate(rows):
         ranking = next(x for x in result.rankings if x.query == query)
-        axes[row][0].text(0.0, 0.5, textwrap.fill(names[result.method], 16, break_long_words=True),
+        axes[row][0].text(0.0, 0.5, textwrap.fill(names[result.method], 24, break_long_words=True),
                           ha="left", va="center", fontsize=7, transform=axes[row][0].transAxes)
         axes[row][1].imshow(_tile(Path(query), size, None))
         for col in range(top):
@@ -192,7 +196,7 @@ def plot_samples(results: Sequence[MethodResult], dataset: Dataset, path: Path, 
     axes[0][0].set_title("method", fontsize=7, loc="left")
     axes[0][1].set_title("query", fontsize=7)
     fig.suptitle("Top results per method (scores above): green = relevant, red = not", fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / height))  # room for the title above the first row
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
