@@ -432,7 +432,7 @@ COMMANDS = [_index_parser, _search_parser, _detect_parser, _methods_parser, _tra
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
-    from lens import __version__
+    from lens.version import __version__
 
     parser = argparse.ArgumentParser(prog="lens", description="lens: photo in, similar images out.")
     parser.add_argument("--version", action="version", version=f"lens {__version__}")

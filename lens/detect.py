@@ -52,7 +52,6 @@ import math
 import os
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -66,6 +65,7 @@ from PIL import Image  # noqa: E402
 
 from lens.errors import LensError, ModelLoadError  # noqa: E402
 from lens.images import ImageError, ImageSource, crop, load_image  # noqa: E402
+from lens.types import Box  # noqa: E402
 
 __all__ = [
     "BaseDetector",
@@ -83,36 +83,6 @@ DEFAULT_CONF = 0.25
 DEFAULT_IOU = 0.45
 DEFAULT_MAX_BOXES = 20
 DEFAULT_MARGIN = 0.05
-
-
-@dataclass(frozen=True)
-class Box:
-    """A detected object: corners in pixels of the original image, a class label and a score."""
-
-    x1: float
-    y1: float
-    x2: float
-    y2: float
-    label: str = "object"
-    score: float = 1.0
-
-    @property
-    def xyxy(self) -> tuple[float, float, float, float]:
-        return self.x1, self.y1, self.x2, self.y2
-
-    @property
-    def area(self) -> float:
-        return max(0.0, self.x2 - self.x1) * max(0.0, self.y2 - self.y1)
-
-    def contains(self, x: float, y: float) -> bool:
-        return self.x1 <= x <= self.x2 and self.y1 <= y <= self.y2
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "box": [round(v, 1) for v in self.xyxy],
-            "label": self.label,
-            "score": round(self.score, 4),
-        }
 
 
 @runtime_checkable

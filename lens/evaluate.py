@@ -182,7 +182,7 @@ def environment() -> dict[str, Any]:
 
     import torch
 
-    from lens import __version__
+    from lens.version import __version__
 
     versions = {"lens": __version__, "python": platform.python_version()}
     for package in ("torch", "torchvision", "transformers", "timm", "annoy", "faiss-cpu", "opencv-python",

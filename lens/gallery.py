@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any
 
 import numpy as np
 from filelock import FileLock
@@ -28,41 +28,13 @@ from lens.errors import CorruptIndexError, IndexNotFoundError, LensError
 from lens.images import ImageSource, crop, iter_image_files, load_image
 from lens.index import DEFAULT_INDEX, create_index, default_index, rerank_exact
 from lens.methods import Method, create_method, is_trained, method_slug
-from lens.methods.base import LearnsFromGallery, Reranks
 from lens.store import Item, StoredIndex, live_build, open_build, publish, read_manifest
+from lens.types import SCORE_LABELS, LearnsFromGallery, Reranks, Rerank, SearchResult
+from lens.types import Region as Box
+
+__all__ = ["SCORE_LABELS", "Gallery", "IndexReport", "SearchResult"]
 
 log = logging.getLogger("lens")
-
-Box = tuple[float, float, float, float]
-Rerank = Union[int, Literal["all"], None]  #: candidates to re-rank: a number, "all", or None = default
-
-
-@dataclass(frozen=True)
-class SearchResult:
-    rank: int  #: 1 = best
-    path: str  #: the image's path relative to the gallery root (its id)
-    score: float  #: similarity in [0, 1], 1 = identical; or a count, see ``kind``
-    file: Path  #: where the image is on disk
-    #: what ``score`` is: ``cosine`` or ``hamming`` similarity in [0, 1], or ``inliers`` (a count of
-    #: RANSAC-verified keypoint matches, from a method's re-ranking)
-    kind: str = "cosine"
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"rank": self.rank, "path": str(self.file), "score": round(self.score, 6),
-                "score_kind": self.kind}
-
-    @property
-    def score_text(self) -> str:
-        return f"{self.score:.0f} inliers" if self.kind == "inliers" else f"{self.score:.3f}"
-
-
-#: What each kind of score means, for people.
-SCORE_LABELS = {
-    "cosine": "cosine similarity, 1 = identical",
-    "hamming": "1 - Hamming distance / bits, 1 = identical",
-    "inliers": "RANSAC-verified keypoint matches (inliers), more = more alike",
-}
-
 
 @dataclass
 class IndexReport:

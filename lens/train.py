@@ -445,7 +445,7 @@ def save_trained(
     options: dict[str, Any],
 ) -> TrainReport:
     """Write the trained model folder with its manifest, and drop the finished run's checkpoint."""
-    from lens import __version__
+    from lens.version import __version__
 
     seconds = time.perf_counter() - started
     manifest = {

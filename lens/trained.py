@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lens.errors import ModelLoadError
-from lens.methods.base import fingerprint_arrays
+from lens.types import fingerprint_arrays
 
 MODEL = "model.safetensors"
 CONFIG = "config.json"

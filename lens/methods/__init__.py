@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from lens.errors import LensError
-from lens.methods.base import BaseMethod, Method, MethodInfo, fingerprint_arrays, l2_normalise
+from lens.types import BaseMethod, Method, MethodInfo, fingerprint_arrays, l2_normalise
 
 __all__ = [
     "BaseMethod",

@@ -46,7 +46,7 @@ from lens.embedding import embed_files
 from lens.errors import LensError, ModelLoadError
 from lens.images import load_image
 from lens.methods import create_method, is_trained, register_method
-from lens.methods.base import BaseMethod, MethodInfo, l2_normalise
+from lens.types import BaseMethod, MethodInfo, l2_normalise
 from lens.methods.deep import HFBackbone
 from lens.train import (
     TrainingData,
