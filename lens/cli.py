@@ -147,7 +147,8 @@ def _print_results(results) -> None:
 
 def _search_detected(args: argparse.Namespace, gallery, query) -> int:
     """``search --detect``: the main subject, or every object; the whole image when nothing is found."""
-    from lens.detect import crop_box, main_subject
+    from lens.detect import main_subject
+    from lens.images import crop
 
     if args.box:
         raise LensError("use either --box or --detect, not both")
@@ -159,7 +160,7 @@ def _search_detected(args: argparse.Namespace, gallery, query) -> int:
     if not boxes:
         logging.getLogger("lens").warning("no object found (detector %s); searching the whole image",
                                           args.detector)
-    regions = [crop_box(query, box, args.margin) for box in boxes] or [query]
+    regions = [crop(query, box, args.margin) for box in boxes] or [query]
     groups = gallery.search_many(regions, args.method, k=args.k, rerank=args.rerank)
     shown = boxes or [None]
     if args.json:
@@ -302,13 +303,13 @@ def _run_eval(args: argparse.Namespace) -> int:
     print(dataset.describe())
     crop = None
     if args.detect:
-        from lens.detect import crop_box, main_subject
+        from lens.detect import DEFAULT_MARGIN, main_subject
+        from lens.images import crop as crop_region
 
         detector = _detector(args)
 
         def crop(picture):
-            subject = main_subject(detector.detect(picture), picture.size)
-            return crop_box(picture, subject) if subject else picture
+            return crop_region(picture, main_subject(detector.detect(picture), picture.size), DEFAULT_MARGIN)
 
     pictures = load_queries(dataset, crop)
     gallery = Gallery(dataset.gallery_root, out / "indexes", models=_parse_models(args.model),

@@ -21,10 +21,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from lens.detect import Box, box_at, create_detector, crop_box, main_subject
+from lens.detect import DEFAULT_MARGIN, Box, box_at, create_detector, main_subject
 from lens.errors import IndexMismatchError, IndexNotFoundError, LensError
 from lens.gallery import Gallery, SearchResult
-from lens.images import load_image
+from lens.images import crop, load_image
 
 log = logging.getLogger("lens")
 
@@ -173,8 +173,8 @@ class LensService:
         return box_at(list(boxes), x, y)
 
     @staticmethod
-    def subject_image(image: Image.Image, box: Box | None, margin: float = 0.05) -> Image.Image:
-        return image if box is None else crop_box(image, box, margin)
+    def subject_image(image: Image.Image, box: Box | None, margin: float = DEFAULT_MARGIN) -> Image.Image:
+        return crop(image, box, margin)
 
     # -- search ----------------------------------------------------------------------------------
     def search(self, image: Image.Image, method: str, k: int = 10, box: Box | None = None) -> Outcome:

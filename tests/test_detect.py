@@ -21,8 +21,6 @@ from lens.detect import (  # noqa: E402
     box_at,
     boxes_from_arrays,
     create_detector,
-    crop_box,
-    expand_box,
     main_subject,
 )
 from lens.errors import LensError, ModelLoadError  # noqa: E402
@@ -105,36 +103,6 @@ def test_box_at_is_the_smallest_box_under_the_point():
     assert box_at(boxes, 5, 95) == 0
     assert box_at(boxes, 150, 10) is None
     assert box_at([], 1, 1) is None
-
-
-def test_crop_adds_the_margin_and_stays_inside_the_image():
-    image = Image.fromarray(np.arange(80 * 100 * 3, dtype=np.uint32).reshape(80, 100, 3).astype(np.uint8))
-    box = Box(10, 10, 50, 30, "thing", 0.9)
-    assert expand_box(box, image.size, 0.1) == (6.0, 8.0, 54.0, 32.0)  # 10% of 40 x 20 on each side
-    region = crop_box(image, box, margin=0.1)
-    assert region.size == (48, 24)
-    assert np.array_equal(np.asarray(region), np.asarray(image)[8:32, 6:54])
-    assert crop_box(image, box, margin=0).size == (40, 20)
-    edge = crop_box(image, (80, 60, 100, 80), margin=0.5)  # the margin is clamped at the borders
-    assert edge.size == (30, 30)
-    assert np.array_equal(np.asarray(edge), np.asarray(image)[50:80, 70:100])
-    assert crop_box(image, None) is image  # the whole image is always an option
-
-
-@pytest.mark.parametrize("box, why", [
-    ((10, 10, 10, 40), "no area"),
-    ((30, 10, 20, 40), "no area"),
-    ((100, 10, 140, 40), "outside the 100x80 image"),
-    ((-50, -50, -1, -1), "outside the 100x80 image"),
-])
-def test_crop_of_an_empty_or_outside_box_is_a_clear_error(box, why):
-    with pytest.raises(ImageError, match=why):
-        crop_box(noise(100, 80), box, margin=0.5)
-
-
-def test_negative_margin_is_refused():
-    with pytest.raises(LensError, match="margin"):
-        crop_box(noise(100, 80), (10, 10, 50, 50), margin=-0.1)
 
 
 # -- YOLO with random weights: the full ultralytics code path, offline --------------------------------
