@@ -147,10 +147,10 @@ def build_app(service: LensService) -> gr.Blocks:
         selected = _selected(boxes, subject)
         box = boxes[selected] if selected is not None else None
         view = draw_boxes(image, boxes, selected)
-        crop = service.subject_image(image, box)
+        crop = service.subject_image(image, box)  # the one crop: shown, and searched
         if not method:
             return view, crop, [], "No method is ready yet: see the status below."
-        outcome = service.search(image, method, int(k), box)
+        outcome = service.search_subject(crop, method, int(k))
         what = box.label if box is not None else "the whole image"
         kind = outcome.results[0].kind if outcome.results else "cosine"
         note = (f"**{method}**: {len(outcome.results)} results for *{what}* in {outcome.seconds * 1000:.0f} ms "

@@ -148,7 +148,6 @@ def _print_results(results) -> None:
 def _search_detected(args: argparse.Namespace, gallery, query) -> int:
     """``search --detect``: the main subject, or every object; the whole image when nothing is found."""
     from lens.detect import main_subject
-    from lens.images import crop
 
     if args.box:
         raise LensError("use either --box or --detect, not both")
@@ -160,9 +159,9 @@ def _search_detected(args: argparse.Namespace, gallery, query) -> int:
     if not boxes:
         logging.getLogger("lens").warning("no object found (detector %s); searching the whole image",
                                           args.detector)
-    regions = [crop(query, box, args.margin) for box in boxes] or [query]
-    groups = gallery.search_many(regions, args.method, k=args.k, rerank=args.rerank)
     shown = boxes or [None]
+    groups = gallery.search_many([query] * len(shown), args.method, k=args.k, boxes=shown, rerank=args.rerank,
+                                 margin=args.margin)
     if args.json:
         print(json.dumps([{"box": box.as_dict() if box else None, "results": [r.as_dict() for r in group]}
                           for box, group in zip(shown, groups)], indent=2))

@@ -29,6 +29,7 @@ IMAGE_EXTENSIONS = frozenset(
 )
 #: Largest picture decoded (width x height); bigger ones are refused as likely decompression bombs.
 MAX_PIXELS = 80_000_000
+EXIF_ORIENTATION = 0x0112  #: the EXIF tag that says how the camera was held
 #: Largest file or upload read, in bytes.
 MAX_BYTES = 64 * 1024 * 1024
 
@@ -49,6 +50,11 @@ def load_image(
     rather than the server's temporary path. ``min_side``: the caller needs no more than this many
     pixels on the shorter side, so a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (libjpeg's scaled
     decoding, several times faster on camera photos) as long as both sides stay at least ``min_side``.
+
+    Decoding happens once: a PIL image that is already RGB and upright is returned as it is (no
+    copy), so passing the result along (to a detector, a crop, a search) costs nothing. Limits:
+    ``max_pixels`` (width x height) and ``max_bytes`` (file or upload size). Raises
+    :class:`ImageError` with a message fit for a user for anything that cannot be used.
     """
     name = f"'{name}'" if name else _describe(source)
     if isinstance(source, Image.Image):
@@ -74,7 +80,8 @@ def load_image(
         if min_side and image.format == "JPEG" and min(width, height) >= 2 * min_side:
             image.draft(image.mode, (min_side, min_side))
         image.load()
-        image = ImageOps.exif_transpose(image) or image
+        if image.getexif().get(EXIF_ORIENTATION, 1) != 1:  # else no copy: a decoded picture passes as is
+            image = ImageOps.exif_transpose(image) or image
         return _to_rgb(image)
     except (OSError, ValueError, SyntaxError) as exc:
         raise _decode_error(name, exc) from exc

@@ -24,7 +24,8 @@ from PIL import Image
 from lens.detect import DEFAULT_MARGIN, Box, box_at, create_detector, main_subject
 from lens.errors import IndexMismatchError, IndexNotFoundError, LensError
 from lens.gallery import Gallery, SearchResult
-from lens.images import crop, load_image
+from lens.images import load_image
+from lens.search import query_picture
 
 log = logging.getLogger("lens")
 
@@ -174,27 +175,39 @@ class LensService:
 
     @staticmethod
     def subject_image(image: Image.Image, box: Box | None, margin: float = DEFAULT_MARGIN) -> Image.Image:
-        return crop(image, box, margin)
+        """What a search looks for: ``image`` cropped once to ``box`` with ``margin`` of context
+        (:func:`lens.images.crop`'s rule; 5% by default for a detector's box); ``None``: ``image`` itself.
+        """
+        return query_picture(image, box, margin)
 
     # -- search ----------------------------------------------------------------------------------
     def search(self, image: Image.Image, method: str, k: int = 10, box: Box | None = None) -> Outcome:
-        """The ``k`` most similar gallery images to ``image`` (or to its ``box``), timed."""
+        """The ``k`` most similar gallery images to ``image`` (or to its ``box``), timed.
+
+        The subject is cropped once (:meth:`subject_image`) and searched as it is.
+        Raises :class:`LensError` when ``method`` is not served or not ready.
+        """
+        return self.search_subject(self.subject_image(image, box), method, k)
+
+    def search_subject(self, subject: Image.Image, method: str, k: int = 10) -> Outcome:
+        """The ``k`` gallery images most similar to ``subject`` (an already cropped picture), timed."""
         state = next((s for s in self.states() if s.name == method), None)
         if state is None:
             raise LensError(f"method '{method}' is not served here; choose one of {', '.join(self.methods)}")
         if state.status != "ready":
             raise LensError(f"method '{method}' is not available yet: {state.status} ({state.detail})")
-        subject = self.subject_image(image, box)
         started = time.perf_counter()
         results = self.gallery.search(subject, method, k=k)
         return Outcome(method, results, time.perf_counter() - started)
 
     def compare(self, image: Image.Image, k: int = 5, box: Box | None = None) -> list[Outcome]:
-        """The same subject searched with every ready method (one outcome per method, errors kept)."""
+        """The same subject (cropped once) searched with every ready method: one outcome per method,
+        a method's error kept in its outcome."""
+        subject = self.subject_image(image, box)
         outcomes = []
         for method in self.ready_methods():
             try:
-                outcomes.append(self.search(image, method, k, box))
+                outcomes.append(self.search_subject(subject, method, k))
             except LensError as exc:
                 outcomes.append(Outcome(method, error=str(exc)))
         return outcomes
