@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lens.detect import create_detector  # noqa: E402
-from lens.detect_eval import RULES, coco_map, detect_coco, main_subject_agreement  # noqa: E402
+from lens.evaluation.detect_eval import RULES, coco_map, detect_coco, main_subject_agreement  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

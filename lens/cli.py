@@ -289,11 +289,11 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from lens.datasets import load_dataset
-    from lens.evaluate import MethodResult, environment, evaluate_method, load_queries, prepare_trained
+    from lens.evaluation.datasets import load_dataset
+    from lens.evaluation.evaluate import MethodResult, environment, evaluate_method, load_queries, prepare_trained
     from lens.gallery import Gallery
     from lens.methods import list_methods
-    from lens.report import text_table, write_report
+    from lens.evaluation.report import text_table, write_report
 
     dataset = load_dataset(args.dataset, max_queries=args.max_queries, seed=args.seed)
     methods = ([m for m in list_methods() if ":" not in m] if args.methods == "all"

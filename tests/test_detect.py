@@ -307,14 +307,14 @@ def test_real_yolo_boxes_map_back_through_the_letterbox(yolo_int8, canvas_size, 
     expected = Box(alone.x1 + dx, alone.y1 + dy, alone.x2 + dx, alone.y2 + dy)
     cats = [b for b in yolo_int8.detect(canvas) if b.label == "cat"]
     assert cats, "the pasted cat is found"
-    from lens.detect_eval import iou
+    from lens.evaluation.detect_eval import iou
 
     assert iou(cats[0], expected) > 0.85, (cats[0], expected)
 
 
 @pytest.fixture(scope="module")
 def coco_detections():
-    from lens.detect_eval import detect_coco
+    from lens.evaluation.detect_eval import detect_coco
 
     images = shared_path(COCO_MINI)
     # low threshold and many boxes for mAP; the user's view (conf 0.25, 20 boxes) is a filter of this
@@ -324,7 +324,7 @@ def coco_detections():
 
 @pytest.mark.shared
 def test_real_yolo_map_on_coco_mini(coco_detections):
-    from lens.detect_eval import coco_map
+    from lens.evaluation.detect_eval import coco_map
 
     scores = coco_map(coco_detections)
     assert scores["map50"] >= 0.45, scores  # measured 0.530 (docs/detection.md)
@@ -332,7 +332,7 @@ def test_real_yolo_map_on_coco_mini(coco_detections):
 
 @pytest.mark.shared
 def test_main_subject_is_a_prominent_real_object_on_coco_mini(coco_detections):
-    from lens.detect_eval import main_subject_agreement
+    from lens.evaluation.detect_eval import main_subject_agreement
 
     # the chosen box is one of the three largest annotated objects, with the right class, in most
     # images (measured 0.82; picking the highest score gives 0.75, the largest box 0.77)

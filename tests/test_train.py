@@ -25,7 +25,7 @@ from lens import Gallery  # noqa: E402
 from lens.cli import main  # noqa: E402
 from lens.errors import IndexMismatchError, LensError, ModelLoadError  # noqa: E402
 from lens.methods import autoencoder, create_method, siamese  # noqa: E402
-from lens.train import CHECKPOINT, TrainSettings, training_data  # noqa: E402
+from lens.training.loop import CHECKPOINT, TrainSettings, training_data  # noqa: E402
 
 #: three classes: a shape and a hue each, on random grey backgrounds
 CLASSES = {"circle": (220, 40, 40), "square": (40, 200, 60), "triangle": (50, 70, 230)}

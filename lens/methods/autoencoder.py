@@ -27,7 +27,7 @@ from torch import nn
 from lens.errors import LensError, ModelLoadError
 from lens.methods import register_method
 from lens.types import BaseMethod, MethodInfo, l2_normalise
-from lens.train import TrainReport, TrainSettings, load_all, load_trainable, train_and_save, training_data
+from lens.training.loop import TrainReport, TrainSettings, load_all, load_trainable, train_and_save, training_data
 from lens.trained import fingerprint, load_model, model_folder
 
 KIND = "autoencoder"

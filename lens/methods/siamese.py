@@ -48,7 +48,7 @@ from lens.images import load_image
 from lens.methods import create_method, is_trained, register_method
 from lens.types import BaseMethod, MethodInfo, l2_normalise
 from lens.methods.deep import HFBackbone
-from lens.train import (
+from lens.training.loop import (
     TrainingData,
     TrainReport,
     TrainSettings,

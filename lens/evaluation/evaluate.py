@@ -2,7 +2,7 @@
 
 For each method: build (or refresh) its index over the dataset's gallery, run every query through the
 public search path exactly as a user's query runs (one query at a time, timed), and score the
-rankings (see :mod:`lens.metrics` for the conventions). Approximate indexes are also compared with
+rankings (see :mod:`lens.evaluation.metrics` for the conventions). Approximate indexes are also compared with
 exact search over the stored vectors (recall@10).
 """
 
@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from lens.datasets import Dataset
+from lens.evaluation.datasets import Dataset
 from lens.gallery import SCORE_LABELS, Gallery
 from lens.images import ImageError, load_image
-from lens.metrics import average_precision, hit_at_k, mean_or_nan
+from lens.evaluation.metrics import average_precision, hit_at_k, mean_or_nan
 
 log = logging.getLogger("lens")
 RECALL_KS = (1, 5, 10)

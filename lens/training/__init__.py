@@ -1,0 +1,1 @@
+"""Training the methods that learn: one loop (:mod:`lens.training.loop`) and a trainer per method family."""
