@@ -232,15 +232,12 @@ def prepare_trained(gallery: Gallery, dataset: Dataset, method: str, *, backbone
     fresh = manifest is None or manifest["data"]["gallery"] != root or (
         labels == "none" and manifest["data"]["labels"] != "none")
     if not given and fresh:
-        from lens.methods import autoencoder, siamese
+        from lens.training import get_trainer
 
-        if method == "autoencoder":
-            report = autoencoder.train(root, folder, replace(autoencoder.DEFAULTS, seed=seed), progress=progress)
-        else:
-            trainer, defaults = ((siamese.train, siamese.SIAMESE_DEFAULTS) if method == "siamese"
-                                 else (siamese.finetune, siamese.FINETUNE_DEFAULTS))
-            options = {"labels": labels, **({"backbone": backbone} if backbone else {})}
-            report = trainer(root, folder, replace(defaults, seed=seed), progress=progress, **options)
+        trainer = get_trainer(method)
+        given_options = {"labels": labels, "backbone": backbone}
+        options = {name: value for name, value in given_options.items() if value and trainer.accepts(name)}
+        report = trainer.train(root, folder, replace(trainer.defaults, seed=seed), progress=progress, **options)
         manifest = report.manifest
     if manifest is None:
         return f"the model in {folder} (no manifest: unknown training data)"
