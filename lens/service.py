@@ -40,6 +40,8 @@ OPEN_THREADS = 2
 
 @dataclass
 class MethodState:
+    """Where a served method stands."""
+
     name: str
     status: str  #: "ready", "queued", "building", "failed", "missing"
     detail: str = ""  #: progress or the reason it failed, for people
@@ -56,6 +58,13 @@ class Outcome:
 
 
 class LensService:
+    """The app's state for one gallery: its served methods, their indexes and a detection cache.
+
+    ``methods``: method specs to serve; ``detector`` / ``detector_weights``: see
+    :func:`lens.detect.create_detector`; ``detect_cache_size``: photos whose boxes are remembered.
+    Raises :class:`LensError` with no methods.
+    """
+
     def __init__(
         self,
         gallery: Gallery,
@@ -89,6 +98,7 @@ class LensService:
             self._prepare_all(build_missing)
 
     def wait(self, timeout: float | None = None) -> None:
+        """Wait for the start-up opening and building to end (at most ``timeout`` seconds)."""
         if self._worker is not None:
             self._worker.join(timeout)
 
@@ -134,17 +144,13 @@ class LensService:
         return True
 
     def states(self) -> list[MethodState]:
+        """Each served method's state (ready, queued, building, failed, missing), in serving order."""
         with self._lock:
             return [self._states[m] for m in self.methods]
 
     def ready_methods(self) -> list[str]:
+        """The methods that can be searched now."""
         return [s.name for s in self.states() if s.status == "ready"]
-
-    def status_markdown(self) -> str:
-        icons = {"ready": "●", "queued": "○", "building": "◐", "failed": "✕", "missing": "–"}
-        lines = [f"- {icons[s.status]} **{s.name}**: {s.status}" + (f" ({s.detail})" if s.detail else "")
-                 for s in self.states()]
-        return "\n".join(lines)
 
     # -- detection -------------------------------------------------------------------------------
     def detect(self, image: Image.Image, detector: str | None = None, threshold: float = 0.25) -> list[Box]:
@@ -166,11 +172,14 @@ class LensService:
 
     @staticmethod
     def main_subject_index(boxes: Sequence[Box], size: tuple[int, int]) -> int | None:
+        """Position in ``boxes`` of the main subject (:func:`lens.detect.main_subject`) of a picture of
+        ``size`` (width, height) pixels; None when there are no boxes."""
         subject = main_subject(list(boxes), size)
         return None if subject is None else list(boxes).index(subject)
 
     @staticmethod
     def box_at(boxes: Sequence[Box], x: float, y: float) -> int | None:
+        """Position of the smallest box under the point (x, y) in pixels (a click); None if none."""
         return box_at(list(boxes), x, y)
 
     @staticmethod
