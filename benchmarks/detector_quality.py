@@ -4,7 +4,7 @@
 
 Defaults: the int8 TFLite YOLOv8n and ../shared/data/coco-mini. Detections are made once at a low
 threshold (conf 0.001, up to 300 boxes) for mAP; the main-subject rules see what a user sees
-(conf 0.25, 20 boxes). See lens/detect_eval.py for the agreement criterion.
+(conf 0.25, 20 boxes). See lens/evaluation/detect_eval.py for the agreement criterion.
 """
 
 from __future__ import annotations

@@ -93,9 +93,11 @@ class Detector(Protocol):
     name: str
     weights: str  #: what was loaded: a file path, a model name or ``COCO_V1`` / ``random``
 
-    def detect(self, image: ImageSource) -> list[Box]: ...
+    def detect(self, image: ImageSource) -> list[Box]:
+        """Boxes in pixels of ``image`` (after EXIF orientation), clamped to it, best score first."""
 
-    def detect_many(self, images: Sequence[ImageSource]) -> list[list[Box]]: ...
+    def detect_many(self, images: Sequence[ImageSource]) -> list[list[Box]]:
+        """:meth:`detect` for a batch: one list of boxes per image. Raises ImageError for a bad image."""
 
 
 # -- boxes -----------------------------------------------------------------------------------------
@@ -198,6 +200,7 @@ def register_detector(name: str) -> Callable[[DetectorFactory], DetectorFactory]
 
 
 def list_detectors() -> list[str]:
+    """The registered detector names (``retinanet``, ``yolo``, ...), sorted."""
     return sorted(_FACTORIES)
 
 

@@ -82,6 +82,7 @@ class Gallery:
         return model
 
     def method_dir(self, spec: str) -> Path:
+        """The folder of ``spec``'s index builds: ``<index_dir>/<method slug>``."""
         return self.index_dir / method_slug(spec)
 
     def indexed_methods(self) -> list[str]:
@@ -99,6 +100,7 @@ class Gallery:
         return found
 
     def manifest(self, spec: str) -> dict[str, Any] | None:
+        """The live build's manifest of ``spec`` (see :mod:`lens.store`), or None before the first build."""
         return read_manifest(self.method_dir(spec))
 
     # -- indexing --------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ class IndexReport:
 
     @property
     def images_per_second(self) -> float:
+        """Embedding throughput of this run (images embedded / embedding seconds); 0 when none were."""
         return self.embedded / self.embed_seconds if self.embed_seconds > 0 else 0.0
 
 

@@ -49,6 +49,7 @@ class Box:
 
     @property
     def xyxy(self) -> tuple[float, float, float, float]:
+        """``(x1, y1, x2, y2)`` in pixels."""
         return self.x1, self.y1, self.x2, self.y2
 
     @property
@@ -57,9 +58,11 @@ class Box:
         return max(0.0, self.x2 - self.x1) * max(0.0, self.y2 - self.y1)
 
     def contains(self, x: float, y: float) -> bool:
+        """Whether the point (x, y), in pixels, lies inside the box or on its edge."""
         return self.x1 <= x <= self.x2 and self.y1 <= y <= self.y2
 
     def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``{"box": [x1, y1, x2, y2] (pixels, 0.1 px), "label", "score"}``."""
         return {
             "box": [round(v, 1) for v in self.xyxy],
             "label": self.label,
@@ -92,6 +95,7 @@ class SearchResult:
 
     @property
     def score_text(self) -> str:
+        """The score for people: ``0.923`` for a similarity, ``41 inliers`` for a count."""
         return f"{self.score:.0f} inliers" if self.kind == "inliers" else f"{self.score:.3f}"
 
 
@@ -115,6 +119,7 @@ class MethodInfo:
     extra: dict[str, Any] = field(default_factory=dict)  #: preprocessing, pooling, ...
 
     def as_dict(self) -> dict[str, Any]:
+        """What a manifest records (``method``, ``metric``, ``dim``, ``model``, ``weights``, ``extra``)."""
         return {
             "method": self.name,
             "metric": self.metric,
@@ -148,11 +153,15 @@ class Method(Protocol):
 
     info: MethodInfo
 
-    def prepare(self, image: Image.Image) -> Any: ...
+    def prepare(self, image: Image.Image) -> Any:
+        """Per-image CPU work on one RGB picture (thread-safe); what ``embed_prepared`` takes."""
 
-    def embed_prepared(self, items: Sequence[Any]) -> np.ndarray: ...
+    def embed_prepared(self, items: Sequence[Any]) -> np.ndarray:
+        """Vectors of prepared items: ``(n, info.dim)`` float32, L2-normalised, for ``cosine``;
+        ``(n, info.dim / 8)`` uint8 packed bits for ``hamming``."""
 
-    def embed(self, images: Sequence[Image.Image]) -> np.ndarray: ...
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Vectors of RGB pictures, as :meth:`embed_prepared` gives them."""
 
 
 @runtime_checkable
