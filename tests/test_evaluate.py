@@ -12,10 +12,10 @@ from conftest import make_picture, write_gallery
 from PIL import Image, ImageDraw, ImageOps
 from test_cli import lens
 
-from lens.datasets import DISTRACTOR_PREFIX, distractor_files, load_dataset
-from lens.evaluate import eval_gallery, evaluate_method, load_queries
+from lens.evaluation.datasets import DISTRACTOR_PREFIX, distractor_files, load_dataset
+from lens.evaluation.evaluate import eval_gallery, evaluate_method, load_queries
+from lens.evaluation.metrics import average_precision, hit_at_k
 from lens.gallery import Gallery
-from lens.metrics import average_precision, hit_at_k
 
 
 def _class_folders(root, splits=("train", "test"), per_class=(4, 2)):
@@ -229,7 +229,7 @@ def test_distractors_bad_folders_are_refused(tmp_path):
 
 
 def test_report_names_methods_short_and_writes_no_absolute_paths(tmp_path, monkeypatch):
-    from lens.report import portable, short_names
+    from lens.evaluation.report import portable, short_names
 
     names = short_names(["phash", "hf:../weights/efficientnet_lite0.in1k/", "hf:facebook/dinov2-base",
                          "siamese:models/x/siamese", "hf:a/same", "hf:b/same"])

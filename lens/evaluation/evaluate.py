@@ -3,8 +3,8 @@
 For each method: build (or refresh) its index over exactly the dataset's gallery (plus any
 distractors: extra images relevant to no query), run every query through the public search path
 exactly as a user's query runs (one query at a time, ``k = 10``, timed), rank the whole gallery for it
-(untimed) and score the rankings (see :mod:`lens.metrics` for the conventions). Approximate indexes are
-also compared with exact search over the stored vectors (recall@10).
+(untimed) and score the rankings (see :mod:`lens.evaluation.metrics` for the conventions). Approximate
+indexes are also compared with exact search over the stored vectors (recall@10).
 
 Memory stays bounded whatever the gallery's size: gallery images are decoded batch by batch while
 indexing, and each query is decoded when it is searched; no decoded image is kept.
@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from lens.datasets import Dataset
-from lens.gallery import SCORE_LABELS, Box, Gallery
+from lens.evaluation.datasets import Dataset
+from lens.evaluation.metrics import average_precision, hit_at_k, mean_or_nan
+from lens.gallery import SCORE_LABELS, Gallery
 from lens.images import ImageError, crop, load_image
-from lens.methods.base import LearnsFromGallery, Reranks
-from lens.metrics import average_precision, hit_at_k, mean_or_nan
+from lens.types import LearnsFromGallery, Region, Reranks
 
 log = logging.getLogger("lens")
 RECALL_KS = (1, 5, 10)
@@ -43,12 +43,12 @@ class Query:
     """A query photo, and the region of it that is searched (its detected main subject, or all of it)."""
 
     path: Path
-    box: Box | None = None  #: pixels (x1, y1, x2, y2); None: the whole photo
+    box: Region = None  #: a Box or (x1, y1, x2, y2) in pixels; None: the whole photo
+    margin: float = 0.0  #: context around ``box``, times its width / height (:func:`lens.images.crop`)
 
     def picture(self) -> Image.Image:
         """The decoded query (cropped to ``box``); decoded afresh on every call, never kept."""
-        picture = load_image(self.path)
-        return crop(picture, self.box) if self.box is not None else picture
+        return crop(load_image(self.path), self.box, self.margin)
 
 
 @dataclass
@@ -101,11 +101,12 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(values, q)) if len(values) else float("nan")
 
 
-def load_queries(dataset: Dataset, detect: Callable[[Image.Image], Box | None] | None = None) -> list[Query]:
+def load_queries(dataset: Dataset, detect: Callable[[Image.Image], Region] | None = None,
+                 margin: float = 0.0) -> list[Query]:
     """The dataset's readable queries (an unreadable one is skipped with a warning).
 
-    ``detect(picture)`` gives the region to search (the main subject; None: the whole photo); it runs
-    once per query here. Each query is decoded to check it, then let go.
+    ``detect(picture)`` gives the region to search (the main subject; None: the whole photo), cropped
+    with ``margin``; it runs once per query here. Each query is decoded to check it, then let go.
     """
     queries = []
     for path in dataset.queries:
@@ -114,7 +115,7 @@ def load_queries(dataset: Dataset, detect: Callable[[Image.Image], Box | None] |
         except ImageError as exc:
             log.warning("query skipped: %s", exc)
             continue
-        queries.append(Query(path, detect(picture) if detect else None))
+        queries.append(Query(path, detect(picture) if detect else None, margin))
     return queries
 
 
@@ -245,7 +246,7 @@ def environment() -> dict[str, Any]:
 
     import torch
 
-    from lens import __version__
+    from lens.version import __version__
 
     versions = {"lens": __version__, "python": platform.python_version()}
     for package in ("torch", "torchvision", "transformers", "timm", "annoy", "faiss-cpu", "opencv-python",
@@ -285,7 +286,6 @@ def prepare_trained(gallery: Gallery, dataset: Dataset, method: str, *, backbone
     from dataclasses import replace
 
     from lens.methods import is_trained, method_slug
-    from lens.train import training_data
 
     root = dataset.train_root or dataset.gallery_root
     gallery_note = f"the dataset's {len(dataset.gallery)} gallery images in {root}"
@@ -299,20 +299,18 @@ def prepare_trained(gallery: Gallery, dataset: Dataset, method: str, *, backbone
     manifest_path = folder / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
     if not given:
+        from lens.training import get_trainer
+        from lens.training.loop import training_data
+
         wanted = training_data(root, labels, only=dataset.gallery).fingerprint
         fresh = manifest is None or manifest["data"].get("data_fingerprint") != wanted or (
             backbone is not None and manifest["parameters"].get("backbone", backbone) != backbone)
         if fresh:
-            from lens.methods import autoencoder, siamese
-
-            if method == "autoencoder":
-                report = autoencoder.train(root, folder, replace(autoencoder.DEFAULTS, seed=seed),
-                                           progress=progress, only=dataset.gallery)
-            else:
-                trainer, defaults = ((siamese.train, siamese.SIAMESE_DEFAULTS) if method == "siamese"
-                                     else (siamese.finetune, siamese.FINETUNE_DEFAULTS))
-                options = {"labels": labels, "only": dataset.gallery, **({"backbone": backbone} if backbone else {})}
-                report = trainer(root, folder, replace(defaults, seed=seed), progress=progress, **options)
+            trainer = get_trainer(method)
+            given_options = {"labels": labels, "backbone": backbone}
+            options = {name: value for name, value in given_options.items() if value and trainer.accepts(name)}
+            report = trainer.train(root, folder, replace(trainer.defaults, seed=seed), progress=progress,
+                                   only=dataset.gallery, **options)
             manifest = report.manifest
     if manifest is None:
         return f"the given model {folder} (no manifest: unknown training data)"
