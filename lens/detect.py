@@ -65,7 +65,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from lens.errors import LensError, ModelLoadError  # noqa: E402
-from lens.images import ImageError, ImageSource, crop, load_image  # noqa: E402
+from lens.images import ImageSource, check_box, crop, load_image  # noqa: E402
 
 __all__ = [
     "BaseDetector",
@@ -176,16 +176,13 @@ def expand_box(
 ) -> tuple[float, float, float, float]:
     """``box`` widened by ``margin`` x its width / height on each side, clamped to the image.
 
-    A box with no area, or none inside the image, is an :class:`ImageError`.
+    A box that :func:`lens.images.check_box` refuses (not finite, inverted, no area, none inside the
+    image) is an :class:`ImageError`.
     """
-    x1, y1, x2, y2 = (float(v) for v in (box.xyxy if isinstance(box, Box) else box))
+    x1, y1, x2, y2 = check_box(box.xyxy if isinstance(box, Box) else box, image_size)
     width, height = image_size
     if not margin >= 0:
         raise LensError(f"the crop margin must be 0 or more, got {margin}")
-    if not (x2 > x1 and y2 > y1):
-        raise ImageError(f"box {x1:g},{y1:g},{x2:g},{y2:g} has no area (needs x1 < x2 and y1 < y2)")
-    if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
-        raise ImageError(f"box {x1:g},{y1:g},{x2:g},{y2:g} lies outside the {width}x{height} image")
     dx, dy = (x2 - x1) * margin, (y2 - y1) * margin
     return (max(0.0, x1 - dx), max(0.0, y1 - dy), min(float(width), x2 + dx), min(float(height), y2 + dy))
 

@@ -1,7 +1,7 @@
 """A folder of images and its per-method indexes: build them, keep them fresh, search them.
 
     >>> from lens import Gallery
-    >>> gallery = Gallery("photos/")                      # indexes in ./indexes/photos/
+    >>> gallery = Gallery("photos/")                      # indexes in ./indexes/photos-<hash of its path>/
     >>> gallery.index(["resnet50", "vit"])                 # embeds only new or changed files
     >>> gallery.search("query.jpg", method="vit", k=10, box=(10, 20, 200, 240))
     >>> gallery.search("query.jpg", method="sift", k=10, rerank="all")   # brute-force matching
@@ -12,11 +12,13 @@ gallery, ``models/<gallery folder name>/<method>/``, unless ``models=`` or ``mod
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -24,12 +26,13 @@ import numpy as np
 from filelock import FileLock
 
 from lens.embedding import default_batch_size, embed_files
-from lens.errors import CorruptIndexError, IndexNotFoundError, LensError
-from lens.images import ImageSource, crop, iter_image_files, load_image
+from lens.errors import CorruptIndexError, IndexMismatchError, IndexNotFoundError, LensError
+from lens.images import IMAGE_EXTENSIONS, ImageSource, crop, display_path, iter_image_files, load_image
 from lens.index import DEFAULT_INDEX, create_index, default_index, rerank_exact
 from lens.methods import Method, create_method, is_trained, method_slug
 from lens.methods.base import LearnsFromGallery, Reranks
-from lens.store import Item, StoredIndex, live_build, open_build, publish, read_manifest
+from lens.store import (Item, StoredIndex, check_root, live_build, open_build, publish, read_manifest,
+                        reading)
 
 log = logging.getLogger("lens")
 
@@ -82,8 +85,28 @@ class IndexReport:
         return self.embedded / self.embed_seconds if self.embed_seconds > 0 else 0.0
 
 
+def default_index_dir(root: str | Path) -> Path:
+    """``indexes/<folder name>-<8 hex digits of a sha256 of its path>`` (relative to the working
+    directory): one folder per gallery root, so that two galleries with the same folder name
+    (``2023/photos``, ``2024/photos``) never share an index.
+
+    The path hashed is the resolved root relative to the working directory when it lies below it
+    (so a repository checked out elsewhere, e.g. a Space, finds its prebuilt ``indexes/``), else the
+    resolved absolute path.
+    """
+    resolved, here = Path(root).resolve(), Path.cwd().resolve()
+    key = resolved.relative_to(here) if resolved.is_relative_to(here) else resolved
+    digest = hashlib.sha256(os.fsencode(key.as_posix())).hexdigest()[:8]
+    return Path("indexes") / f"{resolved.name or 'root'}-{digest}"
+
+
 class Gallery:
-    """A folder of images (searched recursively) and where its indexes live."""
+    """A folder of images (searched recursively) and where its indexes live.
+
+    ``index_dir`` defaults to :func:`default_index_dir` (relative to the working directory); every
+    build records the resolved root it indexes, and an index built for another root is refused for
+    searching (:class:`IndexMismatchError`) and rebuilt by :meth:`index`.
+    """
 
     def __init__(
         self,
@@ -97,7 +120,9 @@ class Gallery:
         if not self.root.is_dir():
             raise LensError(f"gallery folder '{root}' does not exist or is not a folder")
         self.name = self.root.resolve().name
-        self.index_dir = Path(index_dir) if index_dir else Path("indexes") / self.name
+        #: the resolved root as an OS path: what every build records as the gallery it indexes
+        self.root_id = os.fspath(self.root.resolve())
+        self.index_dir = Path(index_dir) if index_dir else default_index_dir(self.root)
         self.models = dict(models or {})  #: method name -> hub id or local path replacing its default
         #: where ``lens train`` puts this gallery's trained models, one folder per method
         self.models_dir = Path(models_dir) if models_dir else Path("models") / self.name
@@ -149,13 +174,31 @@ class Gallery:
         return read_manifest(self.method_dir(spec))
 
     # -- indexing --------------------------------------------------------------------------------
-    def scan(self) -> list[Item]:
-        """Every image file below the root (the index folder excluded), with what identifies its version."""
+    def scan(self, skipped: list[tuple[str, str]] | None = None) -> list[Item]:
+        """Every image file below the root (the index folder excluded), with what identifies its version.
+
+        Linked folders are followed (loops left out); dangling or looping links and files that vanish
+        meanwhile are left out with a warning and appended to ``skipped`` as (path, reason).
+        """
         items = []
-        for path in iter_image_files(self.root, exclude=(self.index_dir,)):
-            stat = path.stat()
-            items.append(Item(path.relative_to(self.root).as_posix(), stat.st_size, stat.st_mtime_ns))
+
+        def skip(path: Path, reason: str) -> None:
+            if skipped is not None:
+                skipped.append((self._relative(path), reason))
+
+        for path in iter_image_files(self.root, exclude=(self.index_dir,), on_skip=skip):
+            try:
+                stat = path.stat()
+            except OSError as exc:
+                log.warning("skipped %s: %s", path, exc.strerror or exc)
+                skip(path, f"cannot read it: {exc.strerror or exc}")
+                continue
+            items.append(Item(self._relative(path), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns,
+                              stat.st_ino))
         return items
+
+    def _relative(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix() if path != self.root else "."
 
     def index(
         self,
@@ -172,13 +215,16 @@ class Gallery:
         ``progress`` shows a progress bar; ``on_progress(method, done, total)`` reports each batch.
         ``batch_size`` (images per model call) defaults to 8 on CPU and 32 on a GPU.
         """
-        items = self.scan()
+        scan_skipped: list[tuple[str, str]] = []
+        items = self.scan(scan_skipped)
         if not items:
-            raise LensError(f"no images found in '{self.root}' (looked for jpg, png, webp, bmp, tiff, gif)")
-        return [
-            self._index_one(spec, items, index_spec, batch_size, workers, progress, on_progress)
-            for spec in methods
-        ]
+            raise LensError(f"no images found in '{self.root}' (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        reports = []
+        for spec in methods:
+            report = self._index_one(spec, items, index_spec, batch_size, workers, progress, on_progress)
+            report.skipped[:0] = scan_skipped
+            reports.append(report)
+        return reports
 
     def _index_one(
         self,
@@ -247,6 +293,7 @@ class Gallery:
                     "index_given": chosen is not None,
                 },
                 write_extra=(lambda folder: method.save_state(folder, per_item)) if keeps_items else None,
+                gallery_root=self.root_id,
             )
         return IndexReport(
             spec, folder, len(kept), len(embedded.paths), len(kept) - len(embedded.paths),
@@ -287,6 +334,13 @@ class Gallery:
         except (LensError, KeyError) as exc:
             log.warning("%s: previous index unusable (%s); embedding every image again", method_dir, exc)
             return {}, none, None
+        try:
+            check_root(stored.manifest, self.root_id, method_dir, stored.folder)
+        except IndexMismatchError:
+            built_for = stored.manifest.get("gallery")
+            # rows are reused only for files with the same path, size, times and inode: never another's
+            log.warning("%s was built for the gallery '%s', not '%s': rebuilding it for '%s'",
+                        method_dir, built_for, self.root_id, self.root_id)
         rows = {item: row for row, item in enumerate(stored.items)}
         return rows, np.asarray(stored.vectors), _given_spec(stored.manifest)
 
@@ -302,24 +356,32 @@ class Gallery:
         method cache then gives a new instance, checked against the index's manifest).
         """
         method_dir = self.method_dir(spec)
-        build = live_build(method_dir)
-        if build is None:
-            available = ", ".join(self.indexed_methods()) or "none yet"
-            raise IndexNotFoundError(
-                f"no index for method '{spec}' in {self.index_dir} (indexed: {available}); build it "
-                f"with `lens index {self.root} --methods {spec}`"
-            )
+        if live_build(method_dir) is None:
+            raise IndexNotFoundError(self._not_indexed(spec))
         base = self._base_method(spec)
         with self._lock:
             lock = self._open_locks.setdefault(spec, threading.Lock())
-        with lock:
+        # CURRENT is read once; a rebuild meanwhile cannot remove the build until it is open
+        with lock, reading(method_dir) as build:
+            if build is None:
+                raise IndexNotFoundError(self._not_indexed(spec))
             entry = self._opened.get(spec)
             if entry is None or entry[0].folder != build or entry[2] is not base:
                 method = base.load_state(build) if isinstance(base, LearnsFromGallery) else base
-                entry = (open_build(method_dir, method.info), method, base)
+                entry = (open_build(method_dir, method.info, build=build, root=self.root_id), method, base)
                 with self._lock:
                     self._opened[spec] = entry
             return entry
+
+    def _not_indexed(self, spec: str) -> str:
+        available = ", ".join(self.indexed_methods()) or "none yet"
+        text = (f"no index for method '{spec}' in {self.index_dir} (indexed: {available}); build it "
+                f"with `lens index {self.root} --methods {spec}`")
+        legacy = Path("indexes") / self.name
+        if self.index_dir == default_index_dir(self.root) and (legacy / method_slug(spec)).is_dir():
+            text += (f". ({legacy} holds an index made by an older lens, which named index folders by "
+                     f"the gallery's folder name only; if it is this gallery's, use it with --index-dir {legacy})")
+        return text
 
     def search(
         self,
@@ -364,19 +426,19 @@ class Gallery:
             # full ranking for evaluation) keep the index's order and scores, and say so in their kind
             reranked = [searcher.rerank(item, row[:count], min(k, count)) for item, row in zip(prepared, ids)]
             tails = [(row_ids[count:k], row_scores[count:k]) for row_ids, row_scores in zip(ids, scores)]
-            return [
+            return self._on_disk([
                 [SearchResult(rank + 1, stored.items[i].path, float(score), self.root / stored.items[i].path,
                               searcher.score_kind if rank < len(top_ids) else stored.index.metric)
                  for rank, (i, score) in enumerate(zip([*top_ids, *tail_ids], [*top_scores, *tail_scores]))
                  if i >= 0]
                 for (top_ids, top_scores), (tail_ids, tail_scores) in zip(reranked, tails)
-            ]
+            ])
         elif count:
             index = stored.index
             ranked = list(zip(*rerank_exact(vectors, ids, stored.vectors, index.metric, index.dim, k)))
         else:
             ranked = [(row_ids[:k], row_scores[:k]) for row_ids, row_scores in zip(ids, scores)]
-        return [
+        return self._on_disk([
             [
                 SearchResult(rank + 1, stored.items[i].path, float(score), self.root / stored.items[i].path,
                              kind)
@@ -384,7 +446,19 @@ class Gallery:
                 if i >= 0
             ]
             for row_ids, row_scores in ranked
-        ]
+        ])
+
+    def _on_disk(self, groups: list[list[SearchResult]]) -> list[list[SearchResult]]:
+        """``groups`` without the results whose file was deleted since the index was built (ranks
+        renumbered), with a warning suggesting ``lens index``."""
+        gone = {r.path for group in groups for r in group if not os.path.isfile(r.file)}
+        if not gone:
+            return groups
+        example = display_path(sorted(gone)[0])
+        log.warning("%d result file(s) were deleted since the index was built (e.g. %s) and are left out; "
+                    "refresh the index with `lens index %s`", len(gone), example, self.root)
+        return [[replace(r, rank=rank) for rank, r in enumerate((r for r in group if r.path not in gone), 1)]
+                for group in groups]
 
 
 def _given_spec(manifest: dict[str, Any]) -> str | None:
