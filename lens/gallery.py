@@ -218,7 +218,8 @@ class Gallery:
         scan_skipped: list[tuple[str, str]] = []
         items = self.scan(scan_skipped)
         if not items:
-            raise LensError(f"no images found in '{self.root}' (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+            raise LensError(f"no images found in '{self.root}' (looked for {len(IMAGE_EXTENSIONS)} image file "
+                            "extensions: .jpg, .png, .webp, .avif, .heic, .tif, .bmp, .gif, ...; see the README)")
         reports = []
         for spec in methods:
             report = self._index_one(spec, items, index_spec, batch_size, workers, progress, on_progress)
