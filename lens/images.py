@@ -246,8 +246,10 @@ def iter_image_files(
             skip(here, f"cannot read the folder: {exc.strerror or exc}")
             dirnames[:] = []
             continue
+        # real folders before links among siblings: a folder both present and linked keeps its own path
         dirnames[:] = sorted(
-            d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in excluded
+            (d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in excluded),
+            key=lambda d: (os.path.islink(here / d), d),
         )
         for filename in sorted(filenames):
             if filename.startswith(".") or Path(filename).suffix.lower() not in extensions:
