@@ -84,7 +84,7 @@ def run_threads(folder: Path, index_dir: Path, seconds: float, readers: int) -> 
 
 def run_processes(folder: Path, index_dir: Path, seconds: float, readers: int, lens_root: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(lens_root), "HF_HUB_OFFLINE": "1"}
-    base = [sys.executable, "-m", "lens"]
+    base = [sys.executable, "-m", "lens"]  # run in the temporary folder: `-m` puts the cwd first on sys.path
     deadline = time.time() + seconds
     errors: collections.Counter[str] = collections.Counter()
     examples: dict[str, str] = {}
@@ -103,7 +103,7 @@ def run_processes(folder: Path, index_dir: Path, seconds: float, readers: int, l
         while time.time() < deadline:
             extra.unlink() if extra.exists() else make_picture(999).save(extra)
             done = subprocess.run([*base, "index", str(folder), "--index-dir", str(index_dir), "--methods",
-                                   "phash", "--quiet"], env=env, capture_output=True, text=True)
+                                   "phash", "--quiet"], env=env, capture_output=True, text=True, cwd=folder.parent)
             if done.returncode != 0:
                 note("lens index failed", done.stderr)
             with lock:
@@ -113,7 +113,7 @@ def run_processes(folder: Path, index_dir: Path, seconds: float, readers: int, l
         while time.time() < deadline:
             done = subprocess.run([*base, "search", str(folder / "img003.png"), "--gallery", str(folder),
                                    "--index-dir", str(index_dir), "--method", "phash", "-k", "1", "--json"],
-                                  env=env, capture_output=True, text=True)
+                                  env=env, capture_output=True, text=True, cwd=folder.parent)
             if done.returncode != 0:
                 note("lens search failed: " + (done.stderr.strip().splitlines() or ["?"])[-1][:60], done.stderr)
             else:

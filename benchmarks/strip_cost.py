@@ -25,10 +25,11 @@ from conftest import make_picture, write_gallery  # noqa: E402
 from PIL import Image  # noqa: E402
 
 
-def measured(args: list[str], lens_root: Path) -> tuple[float, float, str]:
+def measured(args: list[str], lens_root: Path, cwd: Path) -> tuple[float, float, str]:
     env = {**os.environ, "PYTHONPATH": str(lens_root), "HF_HUB_OFFLINE": "1"}
+    # cwd outside any checkout: `python -m` puts the working directory first on sys.path
     done = subprocess.run(["/usr/bin/time", "-f", "TIME %M %e", sys.executable, "-m", "lens", *args],
-                          env=env, capture_output=True, text=True)
+                          env=env, capture_output=True, text=True, cwd=cwd)
     found = re.search(r"TIME (\d+) ([\d.]+)", done.stderr)
     status = "ok" if done.returncode == 0 else done.stderr.strip().splitlines()[-2][:80]
     return int(found.group(1)) / 1024, float(found.group(2)), status
@@ -56,11 +57,11 @@ def main() -> None:
         for name, folder in (("8 photos", plain), ("8 photos + 4 strips 6000x2", strips)):
             rows.append((f"lens index: {name}", *measured(
                 ["index", str(folder), "--index-dir", str(tmp / f"idx-{folder.name}"), "--methods", method,
-                 "--quiet"], lens_root)))
+                 "--quiet"], lens_root, tmp)))
         for name, query in (("640x480 photo", tmp / "photo.jpg"), ("16000x1 PNG", tmp / "strip.png")):
             rows.append((f"lens search: {name}", *measured(
                 ["search", str(query), "--gallery", str(plain), "--index-dir", str(tmp / "idx-plain"),
-                 "--method", method, "-k", "3"], lens_root)))
+                 "--method", method, "-k", "3"], lens_root, tmp)))
     print(f"lens from {lens_root}; method {args.method}\n")
     print("| run | peak memory (MiB) | seconds | outcome |")
     print("|---|---:|---:|---|")
