@@ -28,6 +28,7 @@ try:  # JPEG XL, when the optional plugin is installed (pip install pillow-jxl-p
 except ImportError:
     pass
 from lens.errors import LensError
+from lens.types import Box
 
 log = logging.getLogger("lens")
 
@@ -60,6 +61,7 @@ MAX_ASPECT = 20
 MAX_STRIP_SIDE = 4096
 #: Largest picture decoded (width x height); bigger ones are refused as likely decompression bombs.
 MAX_PIXELS = 80_000_000
+EXIF_ORIENTATION = 0x0112  #: the EXIF tag that says how the camera was held
 #: Largest file or upload read, in bytes.
 MAX_BYTES = 64 * 1024 * 1024
 
@@ -80,6 +82,11 @@ def load_image(
     rather than the server's temporary path. ``min_side``: the caller needs no more than this many
     pixels on the shorter side, so a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (libjpeg's scaled
     decoding, several times faster on camera photos) as long as both sides stay at least ``min_side``.
+
+    Decoding happens once: a PIL image that is already RGB and upright is returned as it is (no
+    copy), so passing the result along (to a detector, a crop, a search) costs nothing. Limits:
+    ``max_pixels`` (width x height) and ``max_bytes`` (file or upload size). Raises
+    :class:`ImageError` with a message fit for a user for anything that cannot be used.
     """
     name = f"'{name}'" if name else _describe(source)
     if isinstance(source, Image.Image):
@@ -105,7 +112,8 @@ def load_image(
         if min_side and image.format == "JPEG" and min(width, height) >= 2 * min_side:
             image.draft(image.mode, (min_side, min_side))
         image.load()
-        image = ImageOps.exif_transpose(image) or image
+        if image.getexif().get(EXIF_ORIENTATION, 1) != 1:  # else no copy: a decoded picture passes as is
+            image = ImageOps.exif_transpose(image) or image
         return limit_aspect(_to_rgb(image))
     except (OSError, ValueError, SyntaxError) as exc:
         raise _decode_error(name, exc) from exc
@@ -269,19 +277,18 @@ def iter_image_files(
             yield path
 
 
-def check_box(box: Sequence[float], size: tuple[int, int] | None = None) -> tuple[float, float, float, float]:
-    """``box`` as (x1, y1, x2, y2) floats, or an :class:`ImageError` saying why it cannot be used.
+def check_box(box: Box | Sequence[float], size: tuple[int, int] | None = None) -> tuple[float, float, float, float]:
+    """``box`` (a :class:`~lens.types.Box` or 4 numbers) as (x1, y1, x2, y2) floats, or an
+    :class:`ImageError` saying why it cannot be used.
 
     The one validation of a search region, for every entry point (CLI ``--box``, ``Gallery.search``,
     the app, detected boxes): four finite numbers in pixels with x1 < x2 and y1 < y2, and, given the
     image's ``size`` (width, height), some area inside the image (the rest is clamped away later).
     """
     try:
-        values = tuple(float(v) for v in box)
-    except (TypeError, ValueError):
-        raise ImageError(f"a box is four numbers x1,y1,x2,y2 in pixels, got {box!r}") from None
-    if len(values) != 4:
-        raise ImageError(f"a box is four numbers x1,y1,x2,y2 in pixels, got {len(values)} values")
+        values = Box.of(box).xyxy
+    except ValueError as exc:
+        raise ImageError(str(exc)) from None
     x1, y1, x2, y2 = values
     text = f"box {x1:g},{y1:g},{x2:g},{y2:g}"
     if not all(math.isfinite(v) for v in values):
@@ -291,22 +298,44 @@ def check_box(box: Sequence[float], size: tuple[int, int] | None = None) -> tupl
     if size is not None:
         width, height = size
         if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
-            raise ImageError(f"{text} lies outside the {width}x{height} image: no area inside it")
+            raise ImageError(f"{text} lies outside the {width}x{height} image (no area inside it)")
     return x1, y1, x2, y2
 
 
-def crop(image: Image.Image, box: Sequence[float] | None) -> Image.Image:
-    """Crop ``image`` to ``box`` = (x1, y1, x2, y2) in pixels; ``None`` keeps the whole image.
+def expand_box(
+    box: Box | Sequence[float], image_size: tuple[int, int], margin: float = 0.0
+) -> tuple[float, float, float, float]:
+    """``box`` widened by ``margin`` x its width / height on each side, clamped to the image (pixels).
 
-    The box is checked by :func:`check_box` and clamped to the image; one smaller than a pixel (on a
-    tiny image) keeps the pixel it covers.
+    Raises :class:`ImageError` for a box :func:`check_box` refuses (not 4 finite numbers, no area:
+    needs x1 < x2 and y1 < y2, or outside the image), and :class:`LensError` for a negative ``margin``.
+    """
+    x1, y1, x2, y2 = check_box(box, image_size)
+    width, height = image_size
+    if not margin >= 0:
+        raise LensError(f"the crop margin must be 0 or more, got {margin}")
+    dx, dy = (x2 - x1) * margin, (y2 - y1) * margin
+    return (max(0.0, x1 - dx), max(0.0, y1 - dy), min(float(width), x2 + dx), min(float(height), y2 + dy))
+
+
+def crop(image: Image.Image, box: Box | Sequence[float] | None, margin: float = 0.0) -> Image.Image:
+    """The region of ``image`` under ``box`` (a :class:`~lens.types.Box` or ``(x1, y1, x2, y2)`` in
+    pixels); ``None`` keeps the whole image (the same object is returned).
+
+    This is lens's only crop, and its one margin rule: the box is widened by ``margin`` times its own
+    width on the left and on the right, and times its own height at the top and at the bottom, then
+    clamped to the image (:func:`expand_box`); its edges are rounded to whole pixels, and a region
+    under a pixel wide (a tiny image) keeps the pixel under its centre. ``margin`` 0 (the default)
+    is the exact region asked for; searches from a detector's box use
+    :data:`lens.detect.DEFAULT_MARGIN` (5%) for context.
+
+    Raises :class:`ImageError` (see :func:`check_box`) for a box that is not finite, is inverted or
+    has no area inside the image.
     """
     if box is None:
         return image
-    x1, y1, x2, y2 = check_box(box, image.size)
+    x1, y1, x2, y2 = expand_box(box, image.size, margin)
     width, height = image.size
-    cx1, cy1 = max(0.0, x1), max(0.0, y1)
-    cx2, cy2 = min(float(width), x2), min(float(height), y2)
 
     def span(low: float, high: float, size: int) -> tuple[int, int]:
         start, stop = round(low), round(high)
@@ -315,5 +344,5 @@ def crop(image: Image.Image, box: Sequence[float] | None) -> Image.Image:
             stop = start + 1
         return start, stop
 
-    (left, right), (top, bottom) = span(cx1, cx2, width), span(cy1, cy2, height)
+    (left, right), (top, bottom) = span(x1, x2, width), span(y1, y2, height)
     return image.crop((left, top, right, bottom))

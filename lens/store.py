@@ -48,7 +48,7 @@ import numpy as np
 
 from lens.errors import CorruptIndexError, IndexMismatchError, IndexNotFoundError
 from lens.index import VectorIndex, load_index
-from lens.methods.base import MethodInfo
+from lens.types import MethodInfo
 
 log = logging.getLogger("lens")
 
@@ -176,7 +176,7 @@ def publish(
     checksummed in the manifest like the rest. ``gallery_root`` (the resolved gallery folder, as an
     OS path) is recorded so that the index is never searched as another gallery's.
     """
-    from lens import __version__
+    from lens.version import __version__
 
     method_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=method_dir))

@@ -330,7 +330,9 @@ def test_degenerate_boxes_are_refused_by_the_one_validation(box, why):
 
 def test_degenerate_boxes_are_refused_at_every_entry_point(tmp_path):
     import app
-    from lens.detect import Box, crop_box
+    from lens.detect import DEFAULT_MARGIN
+    from lens.images import crop
+    from lens.types import Box
     from lens.service import LensService
 
     folder = tmp_path / "photos"
@@ -344,7 +346,7 @@ def test_degenerate_boxes_are_refused_at_every_entry_point(tmp_path):
         with pytest.raises(ImageError, match=why):
             gallery.search(picture, "phash", box=box)
         with pytest.raises(ImageError, match=why):
-            crop_box(picture, box)  # detected boxes, and eval --detect
+            crop(picture, box, DEFAULT_MARGIN)  # detected boxes, and eval --detect
         with pytest.raises(ImageError, match=why):
             service.search(picture, "phash", box=Box(*box))
         if why != "outside":  # the app's API checks what it can before the image is known
