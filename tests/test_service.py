@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from conftest import write_gallery
 
-from lens import Gallery
+from lens import Gallery, LensError
 from lens.methods import register_method
 from lens.methods.hashing import PerceptualHash
 from lens.service import LensService
@@ -49,9 +51,8 @@ def test_a_mistyped_method_is_unknown_not_unindexed(tmp_path):
     folder = tmp_path / "photos"
     write_gallery(folder, 3)
     gallery = Gallery(folder, tmp_path / "idx")
-    try:
+    with pytest.raises(LensError) as raised:
         gallery.search(folder / "img000.jpg", "efficientnet")
-    except Exception as exc:  # noqa: BLE001 - the message is what is tested
-        message = str(exc)
+    message = str(raised.value)
     assert "unknown method 'efficientnet'" in message and "phash" in message
     assert "lens index" not in message
