@@ -27,7 +27,7 @@ from typing import Any
 from lens.errors import CorruptIndexError, IndexNotFoundError, LensError
 from lens.images import IMAGE_EXTENSIONS, ImageSource
 from lens.indexing import IndexReport, build_index, scan, scan_files
-from lens.methods import Method, create_method, is_trained, method_slug
+from lens.methods import Method, check_spec, create_method, is_trained, method_slug
 from lens.search import query_picture, search_pictures
 from lens.store import Item, StoredIndex, live_build, open_build, read_manifest, reading
 from lens.types import SCORE_LABELS, LearnsFromGallery, Region, Rerank, SearchResult
@@ -198,6 +198,7 @@ class Gallery:
         """
         method_dir = self.method_dir(spec)
         if live_build(method_dir) is None:
+            check_spec(spec)  # a mistyped name is "unknown method", not "index it"
             raise IndexNotFoundError(self._not_indexed(spec))
         base = self._base_method(spec)
         with self._lock:
