@@ -28,7 +28,7 @@ from lens.errors import CorruptIndexError, IndexNotFoundError, LensError
 from lens.images import ImageSource, crop, iter_image_files, load_image
 from lens.index import DEFAULT_INDEX, create_index, default_index, rerank_exact
 from lens.methods import Method, create_method, is_trained, method_slug
-from lens.methods.base import LearnsFromGallery, Reranks
+from lens.methods.base import LearnsFromGallery, MatchesLocally, Reranks
 from lens.store import Item, StoredIndex, live_build, open_build, publish, read_manifest
 
 log = logging.getLogger("lens")
@@ -46,14 +46,25 @@ class SearchResult:
     #: what ``score`` is: ``cosine`` or ``hamming`` similarity in [0, 1], or ``inliers`` (a count of
     #: RANSAC-verified keypoint matches, from a method's re-ranking)
     kind: str = "cosine"
+    #: ``exact``: the same item, verified geometrically (RANSAC homography); ``similar``: anything else
+    match: str = "similar"
+    inliers: int = 0  #: verified keypoint matches (exact matches only)
+    #: exact matches: the query's outline in this image, 4 (x, y) corners in its pixels
+    region: tuple[tuple[float, float], ...] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"rank": self.rank, "path": str(self.file), "score": round(self.score, 6),
-                "score_kind": self.kind}
+        data = {"rank": self.rank, "path": str(self.file), "score": round(self.score, 6),
+                "score_kind": self.kind, "match": self.match}
+        if self.match == "exact":
+            data["inliers"] = self.inliers
+            data["region"] = [[round(x, 1), round(y, 1)] for x, y in self.region or ()]
+        return data
 
     @property
     def score_text(self) -> str:
-        return f"{self.score:.0f} inliers" if self.kind == "inliers" else f"{self.score:.3f}"
+        if self.kind == "inliers":
+            return f"{self.score:.0f} inliers"
+        return f"{self.score:.3f}"
 
 
 #: What each kind of score means, for people.
@@ -61,6 +72,7 @@ SCORE_LABELS = {
     "cosine": "cosine similarity, 1 = identical",
     "hamming": "1 - Hamming distance / bits, 1 = identical",
     "inliers": "RANSAC-verified keypoint matches (inliers), more = more alike",
+    "votes": "inverted-file votes of shared visual words (unverified), more = more alike",
 }
 
 
@@ -350,6 +362,8 @@ class Gallery:
         """
         boxes = list(boxes) if boxes is not None else [None] * len(images)
         stored, searcher, _ = self._open(method)
+        if isinstance(searcher, MatchesLocally):
+            return [self._match(stored, searcher, image, box, k) for image, box in zip(images, boxes)]
         pictures = [crop(load_image(image), box) for image, box in zip(images, boxes)]
         prepared = [searcher.prepare(picture) for picture in pictures]
         vectors = searcher.embed_prepared(prepared)
@@ -385,6 +399,22 @@ class Gallery:
             ]
             for row_ids, row_scores in ranked
         ]
+
+
+    def _match(self, stored: StoredIndex, searcher: MatchesLocally, image: ImageSource, box: Box | None,
+               k: int) -> list[SearchResult]:
+        """Results of a method with its own index: the whole photo is matched, the box only focuses."""
+        picture = load_image(image)
+        found = searcher.match(searcher.prepare(picture), k, box)  # type: ignore[attr-defined]
+        results = []
+        for rank, m in enumerate(found):
+            item = stored.items[m.row]
+            exact = m.inliers > 0
+            region = tuple((float(x), float(y)) for x, y in m.region) if m.region is not None else None
+            results.append(SearchResult(rank + 1, item.path, float(m.inliers if exact else m.votes),
+                                        self.root / item.path, "inliers" if exact else "votes",
+                                        "exact" if exact else "similar", m.inliers, region))
+        return results
 
 
 def _given_spec(manifest: dict[str, Any]) -> str | None:

@@ -99,6 +99,30 @@ class Reranks(Protocol):
         """The best ``k`` candidate rows for the query's prepared ``item``, and their scores."""
 
 
+@dataclass
+class Match:
+    """A gallery row found by a method that retrieves from its own index (:class:`MatchesLocally`)."""
+
+    row: int
+    votes: float  #: the retrieval score that short-listed it (e.g. inverted-file tf-idf votes)
+    inliers: int = 0  #: RANSAC homography inliers; > 0 only for a verified (exact) match
+    homography: np.ndarray | None = None  #: (3, 3) float64, query pixels -> result-image pixels
+    region: np.ndarray | None = None  #: (4, 2) float32: the query's outline in result-image pixels
+
+
+@runtime_checkable
+class MatchesLocally(Protocol):
+    """Optional: a method that finds gallery rows with its own index (local features: an inverted
+    file) and verifies them geometrically, instead of searching the gallery's vector index.
+
+    The gallery calls ``match(prepare(whole photo), k, box)``: the subject ``box`` (query pixels,
+    x1, y1, x2, y2, or None) focuses the search but the whole photo is kept for verification.
+    """
+
+    def match(self, item: Any, k: int, box: Sequence[float] | None = None) -> list[Match]:
+        """The best ``k`` rows: verified ones (``inliers`` > 0) first, best first."""
+
+
 class BaseMethod:
     """Convenience base: ``embed`` composed from ``prepare`` and ``embed_prepared``."""
 
