@@ -25,6 +25,7 @@ from filelock import FileLock
 
 from lens.embedding import default_batch_size, embed_files
 from lens.errors import CorruptIndexError, IndexNotFoundError, LensError
+from lens.exact import AUTO, auto_methods, combine
 from lens.images import ImageSource, crop, iter_image_files, load_image
 from lens.index import DEFAULT_INDEX, create_index, default_index, rerank_exact
 from lens.methods import Method, create_method, is_trained, method_slug
@@ -361,6 +362,8 @@ class Gallery:
         the index spec's ``rerank`` option (e.g. ``faiss:PQ32:rerank=100``), else 0.
         """
         boxes = list(boxes) if boxes is not None else [None] * len(images)
+        if method == AUTO:
+            return [self._search_auto(image, box, k, rerank) for image, box in zip(images, boxes)]
         stored, searcher, _ = self._open(method)
         if isinstance(searcher, MatchesLocally):
             return [self._match(stored, searcher, image, box, k) for image, box in zip(images, boxes)]
@@ -400,6 +403,16 @@ class Gallery:
             for row_ids, row_scores in ranked
         ]
 
+
+    def _search_auto(self, image: ImageSource, box: Box | None, k: int, rerank: Rerank) -> list[SearchResult]:
+        """The combined search (:mod:`lens.exact`): exact matches, then visually similar images."""
+        exact_method, similar_method = auto_methods(self.indexed_methods())
+        picture = load_image(image)
+        exact = self.search_many([picture], exact_method, k, [box])[0] if exact_method else []
+        verified = sum(r.match == "exact" for r in exact)
+        similar = (self.search_many([picture], similar_method, k + verified, [box], rerank=rerank)[0]
+                   if similar_method else [])
+        return combine(exact, similar, k)
 
     def _match(self, stored: StoredIndex, searcher: MatchesLocally, image: ImageSource, box: Box | None,
                k: int) -> list[SearchResult]:

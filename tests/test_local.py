@@ -154,3 +154,13 @@ def test_inverted_file_add_and_delete_match_a_fresh_build():
     scores, _ = grown.vote(features[1], 24, 16.0)
     assert scores[1] == 0 and scores[[0, 2, 3, 4, 5]].max() >= 0
     assert scores.argmax() != 1
+
+
+def test_the_combined_search_puts_exact_matches_above_visually_similar(gallery, scenes):
+    gallery.index(["phash"], progress=False)  # the "visually similar" part (any other index serves)
+    results = gallery.search(scenes["photo"], "auto", k=5)
+    assert [r.rank for r in results] == [1, 2, 3, 4, 5]
+    assert results[0].path == "item3.png" and results[0].match == "exact" and results[0].region
+    assert [r.match for r in results[1:]] == ["similar"] * 4
+    assert len({r.path for r in results}) == 5  # the exact match is not repeated among the similar
+    assert all(r.match == "similar" for r in gallery.search(scenes["unrelated"], "auto", k=5))
