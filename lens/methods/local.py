@@ -57,7 +57,8 @@ BITS = 64  #: Hamming-embedding signature length (one uint64 per keypoint)
 #: the files of a saved vocabulary
 VOCABULARY_FILES = ("vocabulary-coarse.npy", "vocabulary-centroids.npy", "vocabulary-cells.npy",
                     "vocabulary-projection.npy", "vocabulary-medians.npy")
-_INDEX_ARRAYS = ("offsets", "xy", "words", "signatures", "sizes", "alive")
+_INDEX_ARRAYS = ("offsets", "xy", "words", "signatures", "sizes", "alive")  #: image order
+_POSTING_ARRAYS = ("starts", "post_rows", "post_keys", "post_signatures")  #: word order
 
 
 # -- features -------------------------------------------------------------------------------------
@@ -272,11 +273,17 @@ class InvertedFile:
     """
 
     def __init__(self, words: int, offsets: np.ndarray, xy: np.ndarray, word_ids: np.ndarray,
-                 signatures: np.ndarray, sizes: np.ndarray, alive: np.ndarray):
+                 signatures: np.ndarray, sizes: np.ndarray, alive: np.ndarray,
+                 postings: dict[str, np.ndarray] | None = None):
         self.word_count = words
         self.offsets, self.xy, self.words, self.signatures = offsets, xy, word_ids, signatures
         self.sizes, self.alive = sizes, alive
-        self._index_postings()
+        if postings is None:
+            self._index_postings()
+        else:  # as saved: no re-sorting when a build is opened
+            for name in _POSTING_ARRAYS:
+                setattr(self, name, postings[name])
+            self._weigh()
 
     @classmethod
     def build(cls, words: int, features: Sequence[LocalFeatures]) -> InvertedFile:
@@ -390,24 +397,30 @@ class InvertedFile:
         return scores, found
 
     def save(self, folder: Path) -> list[str]:
+        """Write the image-order arrays and the postings into ``folder``; returns the file names."""
         names = []
-        for name in _INDEX_ARRAYS:
+        for name in (*_INDEX_ARRAYS, *_POSTING_ARRAYS):
             np.save(folder / f"local-{name}.npy", np.asarray(getattr(self, name)))
             names.append(f"local-{name}.npy")
         return names
 
     @classmethod
     def load(cls, folder: Path, words: int) -> InvertedFile:
+        """The inverted file saved in ``folder`` (image-order arrays memory-mapped: only verified rows'
+        positions are read); raises :class:`CorruptIndexError` when unreadable or inconsistent."""
         try:
-            arrays = {name: np.load(folder / f"local-{name}.npy") for name in _INDEX_ARRAYS}
+            arrays = {name: np.load(folder / f"local-{name}.npy",
+                                    mmap_mode="r" if name in ("xy", "words", "signatures") else None)
+                      for name in (*_INDEX_ARRAYS, *_POSTING_ARRAYS)}
         except (OSError, ValueError) as exc:
             raise CorruptIndexError(f"cannot read the inverted file in {folder}: {exc}") from exc
-        if len(arrays["offsets"]) != len(arrays["sizes"]) + 1 or int(arrays["offsets"][-1]) != len(arrays["xy"]):
-            raise CorruptIndexError(f"the inverted file in {folder} has inconsistent arrays")
-        if len(arrays["words"]) and int(arrays["words"].max()) >= words:
-            raise CorruptIndexError(f"the inverted file in {folder} uses words beyond its vocabulary")
-        return cls(words, arrays["offsets"], arrays["xy"], arrays["words"], arrays["signatures"],
-                   arrays["sizes"], arrays["alive"])
+        keypoints = int(arrays["offsets"][-1]) if len(arrays["offsets"]) else -1
+        if (len(arrays["offsets"]) != len(arrays["sizes"]) + 1 or keypoints != len(arrays["xy"])
+                or len(arrays["starts"]) != words + 1 or len(arrays["post_rows"]) != keypoints):
+            raise CorruptIndexError(f"the inverted file in {folder} does not fit its vocabulary of {words} "
+                                    "words or has inconsistent arrays")
+        return cls(words, *(arrays[name] for name in _INDEX_ARRAYS),
+                   postings={name: arrays[name] for name in _POSTING_ARRAYS})
 
 
 # -- spatial verification -------------------------------------------------------------------------
@@ -580,8 +593,8 @@ class LocalMatcher(BaseMethod):
 
     # -- searching -----------------------------------------------------------------------------------
     def match(self, query: LocalFeatures, k: int, box: Sequence[float] | None = None) -> list[Match]:
-        """The ``k`` best gallery rows for ``query``: verified ones (by inliers) first, then the rest
-        of the short list by votes. ``box`` = (x1, y1, x2, y2) query pixels: keypoints outside it vote
+        """The ``k`` best gallery rows for ``query``: verified ones (by inliers) first, then the others
+        by votes. The ``shortlist`` best-voted rows are verified. ``box`` = (x1, y1, x2, y2) query pixels: keypoints outside it vote
         with weight ``outside_box`` (the whole photo is still used for verification).
         """
         if self.inverted is None:
@@ -601,7 +614,7 @@ class LocalMatcher(BaseMethod):
         short = np.argpartition(-scores, count - 1)[:count]
         short = short[np.argsort(-scores[short], kind="stable")]
         matches = {int(row): Match(int(row), float(scores[row])) for row in short}
-        found = found[np.isin(found[:, 1], short)]
+        found = found[np.isin(found[:, 1], short[: config.shortlist])]  # only the short list is verified
         found = found[np.argsort(found[:, 1], kind="stable")]
         bounds = np.flatnonzero(np.r_[True, found[1:, 1] != found[:-1, 1], True]) if len(found) else []
         for first, last in zip(bounds[:-1], bounds[1:]):
