@@ -23,12 +23,13 @@ import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from lens import Gallery, LensError, load_image  # noqa: E402
-from lens.gallery import SCORE_LABELS  # noqa: E402
 from lens.detect import Box, list_detectors  # noqa: E402
 from lens.draw import draw_boxes  # noqa: E402
 from lens.images import MAX_BYTES, ImageError  # noqa: E402
+from lens.methods import parse_models  # noqa: E402
 from lens.samples import write_sample_gallery  # noqa: E402
 from lens.service import LensService, Outcome  # noqa: E402
+from lens.types import SCORE_LABELS  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 EXAMPLES = sorted(str(p) for p in (HERE / "examples").glob("*.jpg"))
@@ -54,10 +55,21 @@ def _box_from(value: Any) -> Box | None:
     """A box given to the API as [x1, y1, x2, y2] or as a box dict from /detect."""
     if not value:
         return None
-    if isinstance(value, dict):
-        return Box(*map(float, value["box"]), str(value.get("label", "")), float(value.get("score", 1.0)))
-    x1, y1, x2, y2 = map(float, value)
-    return Box(x1, y1, x2, y2, "region", 1.0)
+    try:
+        if isinstance(value, dict):
+            return Box.of(value["box"], str(value.get("label", "")), float(value.get("score", 1.0)))
+        return Box.of(value)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LensError(f"a box is [x1, y1, x2, y2] in pixels or a box from /detect, got {value!r}") from exc
+
+
+STATUS_ICONS = {"ready": "●", "queued": "○", "building": "◐", "failed": "✕", "missing": "–"}
+
+
+def status_markdown(service: LensService) -> str:
+    """Each method's state as a Markdown list, for the status panel."""
+    return "\n".join(f"- {STATUS_ICONS[s.status]} **{s.name}**: {s.status}" + (f" ({s.detail})" if s.detail else "")
+                     for s in service.states())
 
 
 def readable(fn: Callable) -> Callable:
@@ -102,21 +114,24 @@ def _load(file: Any) -> Image.Image:
     return load_image(path)
 
 
-def build_app(service: LensService) -> gr.Blocks:
-    gallery = service.gallery
+class Handlers:
+    """What each widget and endpoint does: small functions that call the service (one per event)."""
 
-    def caption(outcome: Outcome) -> list[tuple[str, str]]:
+    def __init__(self, service: LensService):
+        self.service = service
+
+    def caption(self, outcome: Outcome) -> list[tuple[str, str]]:
         items = []
         for r in outcome.results:
             try:
-                items.append((str(service.thumbnail(r)), f"#{r.rank} · {r.score_text} · {Path(r.path).name}"))
+                items.append((str(self.service.thumbnail(r)), f"#{r.rank} · {r.score_text} · {Path(r.path).name}"))
             except (LensError, OSError) as exc:
                 gr.Warning(f"cannot show {r.path}: {exc}")
         return items
 
-    # -- UI events ---------------------------------------------------------------------------------
+    # -- UI events (private: the page's own) ------------------------------------------------------------
     @readable
-    def on_photo(photo: Image.Image | str | None, detector: str, threshold: float):
+    def on_photo(self, photo: Image.Image | str | None, detector: str, threshold: float):
         if photo is None:
             return None, [], gr.update(choices=[WHOLE], value=WHOLE), None
         try:
@@ -126,83 +141,88 @@ def build_app(service: LensService) -> gr.Blocks:
             return None, [], gr.update(choices=[WHOLE], value=WHOLE), None
         boxes: list[Box] = []
         try:
-            boxes = service.detect(image, detector, threshold)
+            boxes = self.service.detect(image, detector, threshold)
         except LensError as exc:
             gr.Warning(f"Detector unavailable ({exc}); searching the whole image.")
         if not boxes:
             gr.Info("No objects found: searching the whole image.")
-        main = service.main_subject_index(boxes, image.size)
+        main = self.service.main_subject_index(boxes, image.size)
         subject = _choices(boxes)[main + 1] if main is not None else WHOLE
         return image, boxes, gr.update(choices=_choices(boxes), value=subject), draw_boxes(image, boxes, main)
 
-    def on_click(boxes: list[Box], subject: str, event: gr.SelectData):
+    def on_click(self, boxes: list[Box], subject: str, event: gr.SelectData):
         x, y = event.index
-        hit = service.box_at(boxes, x, y)
+        hit = self.service.box_at(boxes, x, y)
         return _choices(boxes)[hit + 1] if hit is not None else WHOLE
 
     @readable
-    def on_search(image: Image.Image | None, boxes: list[Box], subject: str, method: str | None, k: int):
+    def on_search(self, image: Image.Image | None, boxes: list[Box], subject: str, method: str | None, k: int):
         if image is None:
             return None, None, [], "Upload a photo or pick an example to start."
         selected = _selected(boxes, subject)
         box = boxes[selected] if selected is not None else None
         view = draw_boxes(image, boxes, selected)
-        crop = service.subject_image(image, box)
+        crop = self.service.subject_image(image, box)  # the one crop: shown, and searched
         if not method:
             return view, crop, [], "No method is ready yet: see the status below."
-        outcome = service.search(image, method, int(k), box)
+        outcome = self.service.search_subject(crop, method, int(k))
         what = box.label if box is not None else "the whole image"
         kind = outcome.results[0].kind if outcome.results else "cosine"
         note = (f"**{method}**: {len(outcome.results)} results for *{what}* in {outcome.seconds * 1000:.0f} ms "
                 f"(score: {SCORE_LABELS.get(kind, kind)})")
-        return view, crop, caption(outcome), note
+        return view, crop, self.caption(outcome), note
 
     @readable
-    def on_compare(image: Image.Image | None, boxes: list[Box], subject: str, k: int):
+    def on_compare(self, image: Image.Image | None, boxes: list[Box], subject: str, k: int):
         if image is None:
             raise gr.Error("Upload a photo first.")
         selected = _selected(boxes, subject)
-        outcomes = {o.method: o for o in service.compare(image, int(k), boxes[selected] if selected is not None else None)}
+        outcomes = {o.method: o for o in self.service.compare(image, int(k), boxes[selected] if selected is not None else None)}
         rows = [[o.method, round(o.seconds * 1000, 1), Path(o.results[0].path).name if o.results else "",
                  o.results[0].score_text if o.results else "", o.error or ""] for o in outcomes.values()]
-        galleries = [gr.update(value=caption(outcomes[m]) if m in outcomes else [],
+        galleries = [gr.update(value=self.caption(outcomes[m]) if m in outcomes else [],
                                label=f"{m}: {outcomes[m].seconds * 1000:.0f} ms" if m in outcomes else f"{m}: not ready")
-                     for m in service.methods]
+                     for m in self.service.methods]
         return [rows, *galleries]
 
-    def on_status():
-        ready = service.ready_methods()
-        building = any(s.status in ("queued", "building") for s in service.states())
-        return service.status_markdown(), gr.update(choices=ready), gr.Timer(active=building)
+    def on_status(self):
+        ready = self.service.ready_methods()
+        building = any(s.status in ("queued", "building") for s in self.service.states())
+        return status_markdown(self.service), gr.update(choices=ready), gr.Timer(active=building)
 
-    def on_load(current: str | None):
-        ready = service.ready_methods()
+    def on_load(self, current: str | None):
+        ready = self.service.ready_methods()
         value = current if current in ready else (ready[0] if ready else None)
-        return gr.update(choices=ready, value=value), service.status_markdown()
+        return gr.update(choices=ready, value=value), status_markdown(self.service)
 
-    # -- API endpoints (stateless, JSON; used by gradio_client and scripts) -----------------------
+    # -- API endpoints (stateless, JSON; used by gradio_client and scripts) ----------------------------
     @readable
-    def api_detect(image: gr.FileData, detector: str = "", threshold: float = 0.25) -> dict:
+    def api_detect(self, image: gr.FileData, detector: str = "", threshold: float = 0.25) -> dict:
         picture = _load(image)
-        boxes = service.detect(picture, detector or None, threshold)
+        boxes = self.service.detect(picture, detector or None, threshold)
         return {"size": list(picture.size), "boxes": [b.as_dict() for b in boxes],
-                "main_subject": service.main_subject_index(boxes, picture.size)}
+                "main_subject": self.service.main_subject_index(boxes, picture.size)}
 
     @readable
-    def api_pick(boxes: list[dict], x: float, y: float) -> int | None:
-        return service.box_at([_box_from(b) for b in boxes], x, y)
+    def api_pick(self, boxes: list[dict], x: float, y: float) -> int | None:
+        return self.service.box_at([_box_from(b) for b in boxes], x, y)
 
     @readable
-    def api_search(image: gr.FileData, method: str, k: int = 10, box: list[float] | None = None) -> dict:
-        outcome = service.search(_load(image), method, int(k), _box_from(box))
+    def api_search(self, image: gr.FileData, method: str, k: int = 10, box: list[float] | None = None) -> dict:
+        outcome = self.service.search(_load(image), method, int(k), _box_from(box))
         return _outcome_json(outcome)
 
     @readable
-    def api_compare(image: gr.FileData, k: int = 5, box: list[float] | None = None) -> list[dict]:
-        return [_outcome_json(o) for o in service.compare(_load(image), int(k), _box_from(box))]
+    def api_compare(self, image: gr.FileData, k: int = 5, box: list[float] | None = None) -> list[dict]:
+        return [_outcome_json(o) for o in self.service.compare(_load(image), int(k), _box_from(box))]
 
-    def api_methods() -> list[dict]:
-        return [{"name": s.name, "status": s.status, "detail": s.detail} for s in service.states()]
+    def api_methods(self) -> list[dict]:
+        return [{"name": s.name, "status": s.status, "detail": s.detail} for s in self.service.states()]
+
+
+def build_app(service: LensService) -> gr.Blocks:
+    """The page for ``service``: layout, then events wired to :class:`Handlers`, then the JSON API."""
+    gallery, on = service.gallery, Handlers(service)
 
     # -- layout ------------------------------------------------------------------------------------
     with gr.Blocks(title="lens: find similar images") as demo:
@@ -240,33 +260,33 @@ def build_app(service: LensService) -> gr.Blocks:
                     compare_galleries = [gr.Gallery(label=m, columns=8, height=160, preview=False)
                                          for m in service.methods]
                 with gr.Accordion("Methods and indexes", open=True):
-                    status = gr.Markdown(service.status_markdown(), elem_id="lens-status")
+                    status = gr.Markdown(status_markdown(service), elem_id="lens-status")
         timer = gr.Timer(2.0)
 
         search_inputs = [original, boxes, subject, method, k]
         search_outputs = [view, crop, results, info]
         quiet: dict[str, Any] = {"api_visibility": "private"}
-        upload.change(on_photo, [upload, detector, threshold], [original, boxes, subject, view],
+        upload.change(on.on_photo, [upload, detector, threshold], [original, boxes, subject, view],
                       concurrency_limit=2, **quiet
-                      ).then(on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)
+                      ).then(on.on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)
         for trigger in (detector.change, threshold.release):
-            trigger(on_photo, [original, detector, threshold], [original, boxes, subject, view],
+            trigger(on.on_photo, [original, detector, threshold], [original, boxes, subject, view],
                     concurrency_limit=2, **quiet
-                    ).then(on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)
-        view.select(on_click, [boxes, subject], subject, **quiet
-                    ).then(on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)
+                    ).then(on.on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)
+        view.select(on.on_click, [boxes, subject], subject, **quiet
+                    ).then(on.on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)
         for trigger in (subject.input, method.change, k.release):
-            trigger(on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)
-        compare_button.click(on_compare, [original, boxes, subject, k], [table, *compare_galleries],
+            trigger(on.on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)
+        compare_button.click(on.on_compare, [original, boxes, subject, k], [table, *compare_galleries],
                              concurrency_limit=2, **quiet)
-        timer.tick(on_status, None, [status, method, timer], **quiet)
-        demo.load(on_load, method, [method, status], **quiet)
+        timer.tick(on.on_status, None, [status, method, timer], **quiet)
+        demo.load(on.on_load, method, [method, status], **quiet)
 
-        gr.api(api_detect, api_name="detect", concurrency_limit=2)
-        gr.api(api_pick, api_name="pick")
-        gr.api(api_search, api_name="search", concurrency_limit=4)
-        gr.api(api_compare, api_name="compare", concurrency_limit=2)
-        gr.api(api_methods, api_name="methods")
+        gr.api(on.api_detect, api_name="detect", concurrency_limit=2)
+        gr.api(on.api_pick, api_name="pick")
+        gr.api(on.api_search, api_name="search", concurrency_limit=4)
+        gr.api(on.api_compare, api_name="compare", concurrency_limit=2)
+        gr.api(on.api_methods, api_name="methods")
     demo.queue(max_size=64, default_concurrency_limit=2)
     return demo
 
@@ -301,10 +321,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def create_service(args: argparse.Namespace) -> LensService:
-    from lens.cli import _parse_models
-
     root = Path(args.gallery) if args.gallery else write_sample_gallery(HERE / "sample-gallery")
-    gallery = Gallery(root, args.index_dir, models=_parse_models(args.model))
+    gallery = Gallery(root, args.index_dir, models=parse_models(args.model))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     service = LensService(gallery, methods, detector=args.detector, detector_weights=args.detector_weights)
     service.start(background=True, build_missing=not args.no_build)

@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 from lens import Gallery  # noqa: E402
 from lens.images import iter_image_files  # noqa: E402
 from lens.methods import is_trained  # noqa: E402
-from lens.metrics import average_precision  # noqa: E402
+from lens.evaluation.metrics import average_precision  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "clothing"
 BACKBONE = "hf:../shared/weights/efficientnet_lite0.in1k"

@@ -4,7 +4,7 @@
 
 Defaults: the int8 TFLite YOLOv8n and ../shared/data/coco-mini. Detections are made once at a low
 threshold (conf 0.001, up to 300 boxes) for mAP; the main-subject rules see what a user sees
-(conf 0.25, 20 boxes). See lens/detect_eval.py for the agreement criterion.
+(conf 0.25, 20 boxes). See lens/evaluation/detect_eval.py for the agreement criterion.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lens.detect import create_detector  # noqa: E402
-from lens.detect_eval import RULES, coco_map, detect_coco, main_subject_agreement  # noqa: E402
+from lens.evaluation.detect_eval import RULES, coco_map, detect_coco, main_subject_agreement  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

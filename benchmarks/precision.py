@@ -24,7 +24,7 @@ import torch
 
 from benchmarks.build_throughput import EFFNET, SHARED
 from benchmarks.levers import throughput
-from lens.metrics import average_precision
+from lens.evaluation.metrics import average_precision
 
 HOLIDAYS = SHARED / "data" / "holidays-subset"
 

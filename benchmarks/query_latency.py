@@ -33,7 +33,7 @@ from benchmarks.serving_gallery import SHARED_TEST, environment, prepare
 
 def pad_build(gallery, spec: str, size: int, target: Path, rng: np.random.Generator) -> float:
     """Publish ``spec``'s real build padded to ``size`` rows into ``target``; returns recall@10 of its index."""
-    from lens.evaluate import exact_top
+    from lens.evaluation.evaluate import exact_top
     from lens.index import create_index, default_index
     from lens.store import Item, open_build, publish
 

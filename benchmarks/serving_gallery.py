@@ -28,7 +28,7 @@ def prepare(work: Path, images: int, methods: list[str] | None = None) -> tuple[
     """(gallery folder, index folder, {name: spec}, {spec: model}) with every method indexed."""
     from lens import Gallery
     from lens.images import iter_image_files
-    from lens.methods import autoencoder, siamese
+    from lens.training import autoencoder, siamese
 
     work.mkdir(parents=True, exist_ok=True)
     gallery_dir, index_dir, models_dir = work / "gallery", work / "indexes", work / "models"

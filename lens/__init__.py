@@ -1,17 +1,19 @@
 """lens: photo in, similar images out.
 
-The public API: :class:`Gallery` (index a folder, search it), :func:`create_method` /
-:func:`list_methods` (the similarity methods), :func:`load_image` (safe decoding).
+The public API: :class:`Gallery` (index a folder, search it), :class:`SearchResult` (what a search
+returns), :class:`Box` (a region in pixels), :func:`create_method` / :func:`list_methods` (the
+similarity methods), :func:`load_image` (safe decoding).
 """
 
-__version__ = "0.1.0"
-
-from lens.errors import LensError  # noqa: E402
-from lens.gallery import Gallery, IndexReport, SearchResult  # noqa: E402
-from lens.images import ImageError, load_image  # noqa: E402
-from lens.methods import create_method, list_methods  # noqa: E402
+from lens.errors import LensError
+from lens.gallery import Gallery, IndexReport
+from lens.images import ImageError, load_image
+from lens.methods import create_method, list_methods
+from lens.types import Box, SearchResult
+from lens.version import __version__
 
 __all__ = [
+    "Box",
     "Gallery",
     "ImageError",
     "IndexReport",

@@ -13,19 +13,10 @@ import sys
 from collections.abc import Callable, Sequence
 
 from lens.errors import LensError
+from lens.methods import parse_models
 
 DEFAULT_METHODS = "resnet50"
 Handler = Callable[[argparse.Namespace], int]
-
-
-def _parse_models(pairs: Sequence[str]) -> dict[str, str]:
-    models = {}
-    for pair in pairs:
-        name, sep, path = pair.partition("=")
-        if not sep or not name or not path:
-            raise LensError(f"--model expects NAME=PATH_OR_HUB_ID, got '{pair}'")
-        models[name.strip()] = path.strip()
-    return models
 
 
 def _parse_box(text: str | None) -> tuple[float, float, float, float] | None:
@@ -41,7 +32,7 @@ def _parse_box(text: str | None) -> tuple[float, float, float, float] | None:
 def _gallery(args: argparse.Namespace):
     from lens.gallery import Gallery
 
-    return Gallery(args.gallery, args.index_dir, models=_parse_models(args.model))
+    return Gallery(args.gallery, args.index_dir, models=parse_models(args.model))
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -147,7 +138,7 @@ def _print_results(results) -> None:
 
 def _search_detected(args: argparse.Namespace, gallery, query) -> int:
     """``search --detect``: the main subject, or every object; the whole image when nothing is found."""
-    from lens.detect import crop_box, main_subject
+    from lens.detect import main_subject
 
     if args.box:
         raise LensError("use either --box or --detect, not both")
@@ -159,9 +150,9 @@ def _search_detected(args: argparse.Namespace, gallery, query) -> int:
     if not boxes:
         logging.getLogger("lens").warning("no object found (detector %s); searching the whole image",
                                           args.detector)
-    regions = [crop_box(query, box, args.margin) for box in boxes] or [query]
-    groups = gallery.search_many(regions, args.method, k=args.k, rerank=args.rerank)
     shown = boxes or [None]
+    groups = gallery.search_many([query] * len(shown), args.method, k=args.k, boxes=shown, rerank=args.rerank,
+                                 margin=args.margin)
     if args.json:
         print(json.dumps([{"box": box.as_dict() if box else None, "results": [r.as_dict() for r in group]}
                           for box, group in zip(shown, groups)], indent=2))
@@ -289,11 +280,11 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from lens.datasets import load_dataset
-    from lens.evaluate import MethodResult, environment, evaluate_method, load_queries, prepare_trained
+    from lens.evaluation.datasets import load_dataset
+    from lens.evaluation.evaluate import MethodResult, environment, evaluate_method, load_queries, prepare_trained
     from lens.gallery import Gallery
     from lens.methods import list_methods
-    from lens.report import text_table, write_report
+    from lens.evaluation.report import text_table, write_report
 
     dataset = load_dataset(args.dataset, max_queries=args.max_queries, seed=args.seed)
     methods = ([m for m in list_methods() if ":" not in m] if args.methods == "all"
@@ -302,16 +293,16 @@ def _run_eval(args: argparse.Namespace) -> int:
     print(dataset.describe())
     crop = None
     if args.detect:
-        from lens.detect import crop_box, main_subject
+        from lens.detect import DEFAULT_MARGIN, main_subject
+        from lens.images import crop as crop_region
 
         detector = _detector(args)
 
         def crop(picture):
-            subject = main_subject(detector.detect(picture), picture.size)
-            return crop_box(picture, subject) if subject else picture
+            return crop_region(picture, main_subject(detector.detect(picture), picture.size), DEFAULT_MARGIN)
 
     pictures = load_queries(dataset, crop)
-    gallery = Gallery(dataset.gallery_root, out / "indexes", models=_parse_models(args.model),
+    gallery = Gallery(dataset.gallery_root, out / "indexes", models=parse_models(args.model),
                       models_dir=out / "models")
     results = []
     with logging_redirect_tqdm():
@@ -327,7 +318,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     print(text_table(results))
     config = {"methods": methods, "top": args.top, "backbone": args.backbone, "index": args.index_spec, "detect": args.detect,
               "detector": args.detector if args.detect else None, "max_queries": args.max_queries,
-              "seed": args.seed, "batch_size": args.batch_size, "models": _parse_models(args.model)}
+              "seed": args.seed, "batch_size": args.batch_size, "models": parse_models(args.model)}
     command = "lens " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     report = write_report(results, dataset, out, config, environment(), command)
     print(f"report: {report}")
@@ -335,46 +326,24 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 # -- lens train -----------------------------------------------------------------------------------
-_TRAIN_KINDS = {
-    "autoencoder": "convolutional autoencoder on the gallery's pictures; embeds with its latent",
-    "siamese": "Siamese network (pretrained backbone + projection head) with contrastive loss",
-    "finetune": "fine-tune the top of a pretrained backbone (classification head with labels, "
-                "else contrastive)",
-}
-
-
-#: per kind: epochs, batch size, learning rate, patience (the trainers' DEFAULTS, shown in --help)
-TRAIN_DEFAULTS = {"autoencoder": (20, 32, 1e-3, 3), "siamese": (60, 128, 1e-3, 6), "finetune": (5, 32, 1e-4, 2)}
-
-
 def _train_parser(sub: argparse._SubParsersAction) -> Handler:
-    parser = sub.add_parser("train", help="train a method on a gallery (autoencoder, siamese, finetune)")
+    from lens.training import get_trainer, list_trainers
+
+    parser = sub.add_parser("train", help=f"train a method on a gallery ({', '.join(list_trainers())})")
     kinds = parser.add_subparsers(dest="kind", required=True, metavar="KIND")
-    for kind, text in _TRAIN_KINDS.items():
+    for kind in list_trainers():
+        trainer = get_trainer(kind)
+        text = trainer.summary
         p = kinds.add_parser(kind, help=text, description=f"Train the '{kind}' method: {text}.")
         p.add_argument("gallery", metavar="FOLDER", help="folder of training images (class sub-folders = labels)")
         p.add_argument("--out", metavar="DIR",
                        help=f"model folder (default: models/<gallery folder name>/{kind}, where "
                             f"`lens index/search --methods {kind}` look for it)")
-        if kind == "autoencoder":
-            p.add_argument("--image-size", type=int, default=128, help="input side in pixels (default: 128)")
-            p.add_argument("--dim", type=int, default=256, help="latent size (default: 256)")
-        else:
-            p.add_argument("--backbone", required=kind == "finetune", default="resnet50", metavar="SPEC",
-                           help="pretrained deep method: resnet50, vit, vit-in21k or hf:<id or path>"
-                                + (" (default: resnet50)" if kind == "siamese" else ""))
-            p.add_argument("--unfreeze", type=int, default=0 if kind == "siamese" else 1, metavar="N",
-                           help="train the backbone's top N blocks too (default: %(default)s"
-                                + ("; 0 = frozen, features cached)" if kind == "siamese" else ")"))
-            p.add_argument("--labels", default="auto", metavar="auto|folders|none|CSV",
-                           help="where positive pairs come from: class sub-folders, a CSV of path,label, "
-                                "or none (two views of each image); default: auto")
-            p.add_argument("--dim", type=int, default=256, help="projection size (default: 256)")
-            p.add_argument("--views", type=int, default=2,
-                           help="cached views per image when frozen: the picture + N-1 augmented (default: 2)")
-            p.add_argument("--margin", type=float, default=0.5,
-                           help="contrastive margin: other-class pairs are pushed this far apart (default: 0.5)")
-        epochs, batch_size, lr, patience = TRAIN_DEFAULTS[kind]
+        for option in trainer.options:
+            p.add_argument(option.cli_flag, dest=option.name, type=option.type, default=option.default,
+                           required=option.required, metavar=option.metavar, help=option.help)
+        defaults = trainer.defaults
+        epochs, batch_size, lr, patience = defaults.epochs, defaults.batch_size, defaults.lr, defaults.patience
         p.add_argument("--epochs", type=int, help=f"most epochs; early stopping may end sooner (default: {epochs})")
         p.add_argument("--batch-size", type=int, help=f"(default: {batch_size})")
         p.add_argument("--lr", type=float, help=f"learning rate, AdamW (default: {lr:g})")
@@ -394,24 +363,18 @@ def _run_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from lens.gallery import Gallery
-    from lens.methods import autoencoder, siamese
+    from lens.training import get_trainer
 
     kind = args.kind
+    trainer = get_trainer(kind)
     out = Path(args.out) if args.out else Gallery(args.gallery).models_dir / kind
     common = {"resume": args.resume, "progress": not args.quiet, "workers": args.workers}
-    if kind == "autoencoder":
-        trainer, defaults = autoencoder.train, autoencoder.DEFAULTS
-        options = {"image_size": args.image_size, "latent_dim": args.dim}
-    else:
-        trainer = siamese.train if kind == "siamese" else siamese.finetune
-        defaults = siamese.SIAMESE_DEFAULTS if kind == "siamese" else siamese.FINETUNE_DEFAULTS
-        options = {"backbone": args.backbone, "unfreeze": args.unfreeze, "labels": args.labels,
-                   "dim": args.dim, "views": args.views, "margin": args.margin}
+    options = {option.name: getattr(args, option.name) for option in trainer.options}
     overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                  "val_split": args.val_split, "patience": args.patience, "device": args.device}
-    settings = replace(defaults, **{k: v for k, v in overrides.items() if v is not None})
+    settings = replace(trainer.defaults, **{k: v for k, v in overrides.items() if v is not None})
     try:
-        report = trainer(args.gallery, out, settings, **options, **common)
+        report = trainer.train(args.gallery, out, settings, **options, **common)
     except KeyboardInterrupt:
         print(f"lens: interrupted; finished epochs are kept in {out}: continue with the same command "
               "and --resume", file=sys.stderr)
@@ -432,7 +395,7 @@ COMMANDS = [_index_parser, _search_parser, _detect_parser, _methods_parser, _tra
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
-    from lens import __version__
+    from lens.version import __version__
 
     parser = argparse.ArgumentParser(prog="lens", description="lens: photo in, similar images out.")
     parser.add_argument("--version", action="version", version=f"lens {__version__}")

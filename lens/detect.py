@@ -1,10 +1,11 @@
 """Find the objects in a photo, pick its main subject, and crop regions to search with.
 
-    >>> from lens.detect import create_detector, main_subject, crop_box
+    >>> from lens.detect import DEFAULT_MARGIN, create_detector, main_subject
+    >>> from lens.images import crop
     >>> detector = create_detector("yolo")                 # loaded once per process
     >>> boxes = detector.detect(image)                     # list[Box], best first
     >>> subject = main_subject(boxes, image.size)          # None when nothing was found
-    >>> region = crop_box(image, subject, margin=0.05)     # what the similarity methods embed
+    >>> region = crop(image, subject, DEFAULT_MARGIN)      # what the similarity methods embed
 
 Detectors (``create_detector(name, weights=None, **options)``):
 
@@ -37,8 +38,8 @@ square root keeps a big object from always beating a smaller confident one in th
 is searching the whole image, which is always an option anyway. Checked on
 ``../shared/data/coco-mini`` in ``tests/test_detect.py`` (figures in ``docs/detection.md``).
 
-Crops (:func:`crop_box`) widen the box by ``margin`` (a fraction of its width and height, 5% by
-default) on each side for context, clamped to the image.
+Searches from a detector's box crop it with :data:`DEFAULT_MARGIN` (5% of its width and height on
+each side, for context; the rule is :func:`lens.images.crop`'s).
 
 Offline: ultralytics is told never to pip-install (``YOLO_AUTOINSTALL=0``) and to treat the machine
 as offline (``YOLO_OFFLINE=1``: no update checks or analytics); a local weights file is loaded
@@ -52,7 +53,6 @@ import math
 import os
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -65,7 +65,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from lens.errors import LensError, ModelLoadError  # noqa: E402
-from lens.images import ImageError, ImageSource, crop, load_image  # noqa: E402
+from lens.images import ImageSource, load_image  # noqa: E402
+from lens.types import Box  # noqa: E402
 
 __all__ = [
     "BaseDetector",
@@ -73,7 +74,6 @@ __all__ = [
     "Detector",
     "box_at",
     "create_detector",
-    "crop_box",
     "list_detectors",
     "main_subject",
     "register_detector",
@@ -82,37 +82,8 @@ __all__ = [
 DEFAULT_CONF = 0.25
 DEFAULT_IOU = 0.45
 DEFAULT_MAX_BOXES = 20
+#: The context margin a detected box is searched with: a fraction of its width / height on each side.
 DEFAULT_MARGIN = 0.05
-
-
-@dataclass(frozen=True)
-class Box:
-    """A detected object: corners in pixels of the original image, a class label and a score."""
-
-    x1: float
-    y1: float
-    x2: float
-    y2: float
-    label: str = "object"
-    score: float = 1.0
-
-    @property
-    def xyxy(self) -> tuple[float, float, float, float]:
-        return self.x1, self.y1, self.x2, self.y2
-
-    @property
-    def area(self) -> float:
-        return max(0.0, self.x2 - self.x1) * max(0.0, self.y2 - self.y1)
-
-    def contains(self, x: float, y: float) -> bool:
-        return self.x1 <= x <= self.x2 and self.y1 <= y <= self.y2
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "box": [round(v, 1) for v in self.xyxy],
-            "label": self.label,
-            "score": round(self.score, 4),
-        }
 
 
 @runtime_checkable
@@ -122,9 +93,11 @@ class Detector(Protocol):
     name: str
     weights: str  #: what was loaded: a file path, a model name or ``COCO_V1`` / ``random``
 
-    def detect(self, image: ImageSource) -> list[Box]: ...
+    def detect(self, image: ImageSource) -> list[Box]:
+        """Boxes in pixels of ``image`` (after EXIF orientation), clamped to it, best score first."""
 
-    def detect_many(self, images: Sequence[ImageSource]) -> list[list[Box]]: ...
+    def detect_many(self, images: Sequence[ImageSource]) -> list[list[Box]]:
+        """:meth:`detect` for a batch: one list of boxes per image. Raises ImageError for a bad image."""
 
 
 # -- boxes -----------------------------------------------------------------------------------------
@@ -169,34 +142,6 @@ def box_at(boxes: Sequence[Box], x: float, y: float) -> int | None:
     """Index of the smallest box containing the point (x, y), e.g. where the user clicked; else ``None``."""
     hits = [i for i, box in enumerate(boxes) if box.contains(x, y)]
     return min(hits, key=lambda i: boxes[i].area) if hits else None
-
-
-def expand_box(
-    box: Box | Sequence[float], image_size: tuple[int, int], margin: float = DEFAULT_MARGIN
-) -> tuple[float, float, float, float]:
-    """``box`` widened by ``margin`` x its width / height on each side, clamped to the image.
-
-    A box with no area, or none inside the image, is an :class:`ImageError`.
-    """
-    x1, y1, x2, y2 = (float(v) for v in (box.xyxy if isinstance(box, Box) else box))
-    width, height = image_size
-    if not margin >= 0:
-        raise LensError(f"the crop margin must be 0 or more, got {margin}")
-    if not (x2 > x1 and y2 > y1):
-        raise ImageError(f"box {x1:g},{y1:g},{x2:g},{y2:g} has no area (needs x1 < x2 and y1 < y2)")
-    if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
-        raise ImageError(f"box {x1:g},{y1:g},{x2:g},{y2:g} lies outside the {width}x{height} image")
-    dx, dy = (x2 - x1) * margin, (y2 - y1) * margin
-    return (max(0.0, x1 - dx), max(0.0, y1 - dy), min(float(width), x2 + dx), min(float(height), y2 + dy))
-
-
-def crop_box(
-    image: Image.Image, box: Box | Sequence[float] | None, margin: float = DEFAULT_MARGIN
-) -> Image.Image:
-    """The region of ``box`` with a ``margin`` of context (see :func:`expand_box`); ``None``: whole image."""
-    if box is None:
-        return image
-    return crop(image, expand_box(box, image.size, margin))
 
 
 class BaseDetector:
@@ -255,6 +200,7 @@ def register_detector(name: str) -> Callable[[DetectorFactory], DetectorFactory]
 
 
 def list_detectors() -> list[str]:
+    """The registered detector names (``retinanet``, ``yolo``, ...), sorted."""
     return sorted(_FACTORIES)
 
 

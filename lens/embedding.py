@@ -1,6 +1,6 @@
 """Embedding many image files in batches, with decoding overlapped with the model's work.
 
-Two ways, chosen by the method's ``streams`` (see :class:`lens.methods.base.Method`):
+Two ways, chosen by the method's ``streams`` (see :class:`lens.types.Method`):
 
 - one batch at a time (``streams == 1``): worker threads read, decode and ``prepare`` (resize,
   normalise) the images of the next batches while the current batch runs through the model, so the
@@ -25,7 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lens.images import load_image
-from lens.methods.base import Method
+from lens.types import Method
 
 log = logging.getLogger("lens")
 T = TypeVar("T")

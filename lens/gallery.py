@@ -1,10 +1,14 @@
-"""A folder of images and its per-method indexes: build them, keep them fresh, search them.
+"""A folder of images and its per-method indexes: the public front over indexing and search.
 
     >>> from lens import Gallery
     >>> gallery = Gallery("photos/")                      # indexes in ./indexes/photos/
     >>> gallery.index(["resnet50", "vit"])                 # embeds only new or changed files
     >>> gallery.search("query.jpg", method="vit", k=10, box=(10, 20, 200, 240))
     >>> gallery.search("query.jpg", method="sift", k=10, rerank="all")   # brute-force matching
+
+A :class:`Gallery` resolves method specs and model overrides, and keeps each method's live index
+open (re-opened when a newer build is published); :mod:`lens.indexing` builds the indexes and
+:mod:`lens.search` is the query path.
 
 Trained methods (``autoencoder``, ``siamese``, ``finetune``) use the model ``lens train`` wrote for this
 gallery, ``models/<gallery folder name>/<method>/``, unless ``models=`` or ``models_dir=`` says otherwise.
@@ -14,85 +18,21 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any
 
-import numpy as np
-from filelock import FileLock
-
-from lens.embedding import default_batch_size, embed_files
 from lens.errors import CorruptIndexError, IndexNotFoundError, LensError
-from lens.exact import AUTO, auto_methods, combine
-from lens.images import ImageSource, crop, iter_image_files, load_image
-from lens.index import DEFAULT_INDEX, create_index, default_index, rerank_exact
+from lens.images import ImageSource, load_image
+from lens.indexing import IndexReport, build_index, scan
 from lens.methods import Method, create_method, is_trained, method_slug
-from lens.methods.base import LearnsFromGallery, MatchesLocally, Reranks
-from lens.store import Item, StoredIndex, live_build, open_build, publish, read_manifest
+from lens.search import AUTO, auto_methods, combine, match_picture, query_picture, search_pictures
+from lens.store import Item, StoredIndex, live_build, open_build, read_manifest
+from lens.types import SCORE_LABELS, Box, LearnsFromGallery, MatchesLocally, Region, Rerank, SearchResult
+
+__all__ = ["SCORE_LABELS", "Gallery", "IndexReport", "SearchResult"]
 
 log = logging.getLogger("lens")
-
-Box = tuple[float, float, float, float]
-Rerank = Union[int, Literal["all"], None]  #: candidates to re-rank: a number, "all", or None = default
-
-
-@dataclass(frozen=True)
-class SearchResult:
-    rank: int  #: 1 = best
-    path: str  #: the image's path relative to the gallery root (its id)
-    score: float  #: similarity in [0, 1], 1 = identical; or a count, see ``kind``
-    file: Path  #: where the image is on disk
-    #: what ``score`` is: ``cosine`` or ``hamming`` similarity in [0, 1], or ``inliers`` (a count of
-    #: RANSAC-verified keypoint matches, from a method's re-ranking)
-    kind: str = "cosine"
-    #: ``exact``: the same item, verified geometrically (RANSAC homography); ``similar``: anything else
-    match: str = "similar"
-    inliers: int = 0  #: verified keypoint matches (exact matches only)
-    #: exact matches: the query's outline in this image, 4 (x, y) corners in its pixels
-    region: tuple[tuple[float, float], ...] | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        data = {"rank": self.rank, "path": str(self.file), "score": round(self.score, 6),
-                "score_kind": self.kind, "match": self.match}
-        if self.match == "exact":
-            data["inliers"] = self.inliers
-            data["region"] = [[round(x, 1), round(y, 1)] for x, y in self.region or ()]
-        return data
-
-    @property
-    def score_text(self) -> str:
-        if self.kind == "inliers":
-            return f"{self.score:.0f} inliers"
-        return f"{self.score:.3f}"
-
-
-#: What each kind of score means, for people.
-SCORE_LABELS = {
-    "cosine": "cosine similarity, 1 = identical",
-    "hamming": "1 - Hamming distance / bits, 1 = identical",
-    "inliers": "RANSAC-verified keypoint matches (inliers), more = more alike",
-    "votes": "inverted-file votes of shared visual words (unverified), more = more alike",
-}
-
-
-@dataclass
-class IndexReport:
-    """What one ``Gallery.index`` run did for one method."""
-
-    method: str
-    folder: Path  #: the published build
-    count: int  #: images in the index
-    embedded: int  #: images embedded by this run
-    reused: int  #: images whose cached embedding was reused
-    seconds: float
-    embed_seconds: float
-    skipped: list[tuple[str, str]] = field(default_factory=list)  #: (path, reason) of unreadable files
-
-    @property
-    def images_per_second(self) -> float:
-        return self.embedded / self.embed_seconds if self.embed_seconds > 0 else 0.0
 
 
 class Gallery:
@@ -142,6 +82,7 @@ class Gallery:
         return model
 
     def method_dir(self, spec: str) -> Path:
+        """The folder of ``spec``'s index builds: ``<index_dir>/<method slug>``."""
         return self.index_dir / method_slug(spec)
 
     def indexed_methods(self) -> list[str]:
@@ -159,16 +100,13 @@ class Gallery:
         return found
 
     def manifest(self, spec: str) -> dict[str, Any] | None:
+        """The live build's manifest of ``spec`` (see :mod:`lens.store`), or None before the first build."""
         return read_manifest(self.method_dir(spec))
 
     # -- indexing --------------------------------------------------------------------------------
     def scan(self) -> list[Item]:
-        """Every image file below the root (the index folder excluded), with what identifies its version."""
-        items = []
-        for path in iter_image_files(self.root, exclude=(self.index_dir,)):
-            stat = path.stat()
-            items.append(Item(path.relative_to(self.root).as_posix(), stat.st_size, stat.st_mtime_ns))
-        return items
+        """Every image file below the root (the index folder excluded): see :func:`lens.indexing.scan`."""
+        return scan(self.root, exclude=(self.index_dir,))
 
     def index(
         self,
@@ -189,119 +127,11 @@ class Gallery:
         if not items:
             raise LensError(f"no images found in '{self.root}' (looked for jpg, png, webp, bmp, tiff, gif)")
         return [
-            self._index_one(spec, items, index_spec, batch_size, workers, progress, on_progress)
+            build_index(self.root, self.method_dir(spec), spec, self._base_method(spec), items,
+                        index_spec=index_spec, batch_size=batch_size, workers=workers, progress=progress,
+                        on_progress=on_progress)
             for spec in methods
         ]
-
-    def _index_one(
-        self,
-        spec: str,
-        items: list[Item],
-        index_spec: str | None,
-        batch_size: int | None,
-        workers: int,
-        progress: bool,
-        on_progress: Callable[[str, int, int], None] | None,
-    ) -> IndexReport:
-        started = time.perf_counter()
-        method_dir = self.method_dir(spec)
-        method_dir.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(method_dir / ".lock")):
-            method, restored = self._method_to_index(spec, method_dir, items)
-            info = method.info
-            keeps_items = isinstance(method, LearnsFromGallery)
-            cached, previous_vectors, previous_spec = self._cached_vectors(method_dir, method)
-            if keeps_items and not restored:
-                cached = {}  # its stored per-image data is not reusable: prepare every image again
-            fresh = [item for item in items if item not in cached]
-            batch_size = batch_size or default_batch_size(method)
-            embed_started = time.perf_counter()
-            embedded = embed_files(
-                method, [self.root / item.path for item in fresh],
-                batch_size=batch_size, workers=workers, progress=progress, desc=spec,
-                on_progress=(lambda done, total: on_progress(spec, done, total)) if on_progress else None,
-                keep_prepared=keeps_items,
-            )
-            embed_seconds = time.perf_counter() - embed_started
-            by_path = {item.path: item for item in fresh}
-            new_rows = {
-                path.relative_to(self.root).as_posix(): row for row, path in enumerate(embedded.paths)
-            }
-            kept: list[Item] = []
-            rows: list[np.ndarray] = []
-            per_item: list[Any] = []  # prepare() outputs kept in the build, for LearnsFromGallery
-            for item in items:
-                if item in cached:
-                    kept.append(item)
-                    rows.append(previous_vectors[cached[item]])
-                    if keeps_items:
-                        per_item.append(method.stored_item(cached[item]))
-                elif item.path in new_rows:
-                    kept.append(by_path[item.path])
-                    rows.append(embedded.vectors[new_rows[item.path]])
-                    if keeps_items:
-                        per_item.append(embedded.prepared[new_rows[item.path]])
-            if not kept:
-                raise LensError(f"none of the {len(items)} images in '{self.root}' could be read")
-            vectors = np.stack(rows)  # cached and new rows come from the same method: one dtype
-            # an index asked for (now or by an earlier build) is kept; else one that suits the size
-            chosen = index_spec or previous_spec
-            index = create_index(chosen or default_index(len(vectors), info.metric), info.dim, info.metric)
-            index.build(vectors)
-            skipped = [(p.relative_to(self.root).as_posix(), why) for p, why in embedded.skipped]
-            folder = publish(
-                method_dir, info, kept, vectors, index,
-                build={
-                    "batch_size": batch_size,
-                    "embedded": len(embedded.paths),
-                    "reused": len(kept) - len(embedded.paths),
-                    "skipped": skipped,
-                    "seconds": round(time.perf_counter() - started, 3),
-                    "index_given": chosen is not None,
-                },
-                write_extra=(lambda folder: method.save_state(folder, per_item)) if keeps_items else None,
-            )
-        return IndexReport(
-            spec, folder, len(kept), len(embedded.paths), len(kept) - len(embedded.paths),
-            time.perf_counter() - started, embed_seconds, skipped,
-        )
-
-    def _method_to_index(self, spec: str, method_dir: Path, items: list[Item]) -> tuple[Method, bool]:
-        """The method to embed the gallery with, and whether it was restored from the live build.
-
-        A method that learns from the gallery keeps what the live build learned (so unchanged
-        images keep their vectors), or, without a usable one, is fitted on the gallery's images.
-        """
-        base = self._base_method(spec)
-        if not isinstance(base, LearnsFromGallery):
-            return base, False
-        build = live_build(method_dir)
-        if build is not None:
-            try:
-                return base.load_state(build), True
-            except LensError as exc:
-                log.warning("%s: cannot reuse what the last build learned (%s); learning it again", spec, exc)
-        return base.fit([self.root / item.path for item in items]), False
-
-    def _cached_vectors(
-        self, method_dir: Path, method: Method
-    ) -> tuple[dict[Item, int], np.ndarray, str | None]:
-        """Rows of the live build reusable with the same weights: {item: row}, its vectors, its index spec."""
-        none = np.zeros((0, method.info.dim), np.float32)
-        try:
-            manifest = read_manifest(method_dir)
-            if manifest is None:
-                return {}, none, None
-            if (manifest.get("weights"), manifest.get("dim")) != (method.info.weights, method.info.dim):
-                log.warning("%s: model changed since the last build; embedding every image again",
-                            method.info.name)
-                return {}, none, _given_spec(manifest)
-            stored = open_build(method_dir, method.info, verify=True)
-        except (LensError, KeyError) as exc:
-            log.warning("%s: previous index unusable (%s); embedding every image again", method_dir, exc)
-            return {}, none, None
-        rows = {item: row for row, item in enumerate(stored.items)}
-        return rows, np.asarray(stored.vectors), _given_spec(stored.manifest)
 
     # -- searching -------------------------------------------------------------------------------
     def open(self, spec: str) -> StoredIndex:
@@ -339,111 +169,59 @@ class Gallery:
         image: ImageSource,
         method: str,
         k: int = 10,
-        box: Box | None = None,
+        box: Region = None,
         rerank: Rerank = None,
+        *,
+        margin: float = 0.0,
     ) -> list[SearchResult]:
-        """The ``k`` gallery images most similar to ``image`` (or to its ``box`` region), best first."""
-        return self.search_many([image], method, k, [box], rerank=rerank)[0]
+        """The ``k`` gallery images most similar to ``image`` (or to its ``box`` region), best first.
+
+        ``method``: an indexed method's spec, or ``auto``: the combined search (exact matches of
+        ``local`` first, then a global embedding's visually similar images; see :mod:`lens.search`).
+        A method with its own index (``local``) matches the whole photo; the box only focuses it.
+
+        ``image``: a path, bytes, PIL image or HxWxC uint8 array, decoded once. ``box``: a
+        :class:`~lens.types.Box` (e.g. a detector's) or ``(x1, y1, x2, y2)`` in pixels, cropped once
+        with ``margin`` x its width / height of context on each side (:func:`lens.images.crop`; 0: the
+        exact region). ``rerank``: see :meth:`search_many`. Raises :class:`IndexNotFoundError` when
+        ``method`` has no index here, :class:`~lens.images.ImageError` for an unreadable image or a
+        box with no area inside it.
+        """
+        return self.search_many([image], method, k, [box], rerank=rerank, margin=margin)[0]
 
     def search_many(
         self,
         images: Sequence[ImageSource],
         method: str,
         k: int = 10,
-        boxes: Sequence[Box | None] | None = None,
+        boxes: Sequence[Region] | None = None,
         rerank: Rerank = None,
+        *,
+        margin: float = 0.0,
     ) -> list[list[SearchResult]]:
-        """Batched :meth:`search`: the query images are embedded together.
+        """Batched :meth:`search`: the query pictures are embedded together (one list per image).
 
-        ``rerank``: how many index candidates (at least ``k``) to re-rank, by the method's own check
-        when it has one (SIFT: RANSAC-verified matches; scores are then inlier counts), else exactly
-        with the stored vectors; ``"all"`` compares every gallery image (brute force, the exact
-        reference); ``0`` keeps the index's order; ``None``: the method's default (SIFT: 50), else
-        the index spec's ``rerank`` option (e.g. ``faiss:PQ32:rerank=100``), else 0.
+        ``rerank``: how many index candidates (at least ``k``) to re-rank (see
+        :func:`lens.search.search_pictures`): a number, ``"all"`` (brute force), ``0`` (the index's
+        order) or ``None`` (the method's or index spec's default).
         """
         boxes = list(boxes) if boxes is not None else [None] * len(images)
         if method == AUTO:
-            return [self._search_auto(image, box, k, rerank) for image, box in zip(images, boxes)]
+            return [self._search_auto(image, box, k, rerank, margin) for image, box in zip(images, boxes)]
         stored, searcher, _ = self._open(method)
-        if isinstance(searcher, MatchesLocally):
-            return [self._match(stored, searcher, image, box, k) for image, box in zip(images, boxes)]
-        pictures = [crop(load_image(image), box) for image, box in zip(images, boxes)]
-        prepared = [searcher.prepare(picture) for picture in pictures]
-        vectors = searcher.embed_prepared(prepared)
-        count, kind = _rerank_count(rerank, stored, searcher), stored.index.metric
-        if count >= len(stored.items):  # every image is a candidate: no index needed
-            ids = np.tile(np.arange(len(stored.items), dtype=np.int64), (len(pictures), 1))
-            scores = np.zeros(ids.shape, np.float32)
-        else:
-            ids, scores = stored.index.search(vectors, max(k, count))
-        if count and isinstance(searcher, Reranks):
-            # only the top `count` candidates are re-ranked; any results beyond them (k > count, e.g. a
-            # full ranking for evaluation) keep the index's order and scores, and say so in their kind
-            reranked = [searcher.rerank(item, row[:count], min(k, count)) for item, row in zip(prepared, ids)]
-            tails = [(row_ids[count:k], row_scores[count:k]) for row_ids, row_scores in zip(ids, scores)]
-            return [
-                [SearchResult(rank + 1, stored.items[i].path, float(score), self.root / stored.items[i].path,
-                              searcher.score_kind if rank < len(top_ids) else stored.index.metric)
-                 for rank, (i, score) in enumerate(zip([*top_ids, *tail_ids], [*top_scores, *tail_scores]))
-                 if i >= 0]
-                for (top_ids, top_scores), (tail_ids, tail_scores) in zip(reranked, tails)
-            ]
-        elif count:
-            index = stored.index
-            ranked = list(zip(*rerank_exact(vectors, ids, stored.vectors, index.metric, index.dim, k)))
-        else:
-            ranked = [(row_ids[:k], row_scores[:k]) for row_ids, row_scores in zip(ids, scores)]
-        return [
-            [
-                SearchResult(rank + 1, stored.items[i].path, float(score), self.root / stored.items[i].path,
-                             kind)
-                for rank, (i, score) in enumerate(zip(row_ids, row_scores))
-                if i >= 0
-            ]
-            for row_ids, row_scores in ranked
-        ]
+        if isinstance(searcher, MatchesLocally):  # the whole photo: the box only focuses
+            return [match_picture(stored, searcher, load_image(image), Box.of(box) if box is not None else None,
+                                  self.root, k) for image, box in zip(images, boxes)]
+        pictures = [query_picture(image, box, margin) for image, box in zip(images, boxes)]
+        return search_pictures(stored, searcher, pictures, self.root, k, rerank)
 
-
-    def _search_auto(self, image: ImageSource, box: Box | None, k: int, rerank: Rerank) -> list[SearchResult]:
-        """The combined search (:mod:`lens.exact`): exact matches, then visually similar images."""
+    def _search_auto(self, image: ImageSource, box: Region, k: int, rerank: Rerank, margin: float
+                     ) -> list[SearchResult]:
+        """The combined search (:func:`lens.search.combine`): exact matches, then visually similar."""
         exact_method, similar_method = auto_methods(self.indexed_methods())
-        picture = load_image(image)
+        picture = load_image(image)  # decoded once for both
         exact = self.search_many([picture], exact_method, k, [box])[0] if exact_method else []
         verified = sum(r.match == "exact" for r in exact)
-        similar = (self.search_many([picture], similar_method, k + verified, [box], rerank=rerank)[0]
+        similar = (self.search_many([picture], similar_method, k + verified, [box], rerank, margin=margin)[0]
                    if similar_method else [])
         return combine(exact, similar, k)
-
-    def _match(self, stored: StoredIndex, searcher: MatchesLocally, image: ImageSource, box: Box | None,
-               k: int) -> list[SearchResult]:
-        """Results of a method with its own index: the whole photo is matched, the box only focuses."""
-        picture = load_image(image)
-        found = searcher.match(searcher.prepare(picture), k, box)  # type: ignore[attr-defined]
-        results = []
-        for rank, m in enumerate(found):
-            item = stored.items[m.row]
-            exact = m.inliers > 0
-            region = tuple((float(x), float(y)) for x, y in m.region) if m.region is not None else None
-            results.append(SearchResult(rank + 1, item.path, float(m.inliers if exact else m.votes),
-                                        self.root / item.path, "inliers" if exact else "votes",
-                                        "exact" if exact else "similar", m.inliers, region))
-        return results
-
-
-def _given_spec(manifest: dict[str, Any]) -> str | None:
-    """The index spec of a build when it was asked for (kept by later builds); None when it was a default."""
-    given = manifest.get("build", {}).get("index_given")
-    if given is None:  # builds before the size-based default: only plain "annoy" was a default
-        given = manifest.get("index") != DEFAULT_INDEX
-    return manifest.get("index") if given else None
-
-
-def _rerank_count(rerank: Rerank, stored: StoredIndex, method: Method) -> int:
-    """How many candidates to re-rank (>= the gallery's size: all of them)."""
-    if rerank is None:
-        rerank = method.candidates if isinstance(method, Reranks) else getattr(stored.index, "rerank", 0)
-    if rerank == "all":
-        return len(stored.items)
-    if isinstance(rerank, bool) or not isinstance(rerank, (int, np.integer)) or rerank < 0:
-        raise LensError(f"rerank must be a number of candidates (0 or more) or 'all', got {rerank!r}")
-    return int(rerank)

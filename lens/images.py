@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Union
 
@@ -21,6 +21,7 @@ from pi_heif import register_heif_opener
 
 register_heif_opener()  # HEIC/HEIF, as phones save photos
 from lens.errors import LensError
+from lens.types import Box
 
 #: File extensions lens treats as images when it scans a folder.
 IMAGE_EXTENSIONS = frozenset(
@@ -28,6 +29,7 @@ IMAGE_EXTENSIONS = frozenset(
 )
 #: Largest picture decoded (width x height); bigger ones are refused as likely decompression bombs.
 MAX_PIXELS = 80_000_000
+EXIF_ORIENTATION = 0x0112  #: the EXIF tag that says how the camera was held
 #: Largest file or upload read, in bytes.
 MAX_BYTES = 64 * 1024 * 1024
 
@@ -48,6 +50,11 @@ def load_image(
     rather than the server's temporary path. ``min_side``: the caller needs no more than this many
     pixels on the shorter side, so a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (libjpeg's scaled
     decoding, several times faster on camera photos) as long as both sides stay at least ``min_side``.
+
+    Decoding happens once: a PIL image that is already RGB and upright is returned as it is (no
+    copy), so passing the result along (to a detector, a crop, a search) costs nothing. Limits:
+    ``max_pixels`` (width x height) and ``max_bytes`` (file or upload size). Raises
+    :class:`ImageError` with a message fit for a user for anything that cannot be used.
     """
     name = f"'{name}'" if name else _describe(source)
     if isinstance(source, Image.Image):
@@ -73,7 +80,8 @@ def load_image(
         if min_side and image.format == "JPEG" and min(width, height) >= 2 * min_side:
             image.draft(image.mode, (min_side, min_side))
         image.load()
-        image = ImageOps.exif_transpose(image) or image
+        if image.getexif().get(EXIF_ORIENTATION, 1) != 1:  # else no copy: a decoded picture passes as is
+            image = ImageOps.exif_transpose(image) or image
         return _to_rgb(image)
     except (OSError, ValueError, SyntaxError) as exc:
         raise _decode_error(name, exc) from exc
@@ -161,22 +169,48 @@ def iter_image_files(root: Union[str, os.PathLike], *, exclude: tuple[Path, ...]
             yield here / filename
 
 
-def crop(image: Image.Image, box: tuple[float, float, float, float] | None) -> Image.Image:
-    """Crop ``image`` to ``box`` = (x1, y1, x2, y2) in pixels; ``None`` keeps the whole image.
+def expand_box(
+    box: Box | Sequence[float], image_size: tuple[int, int], margin: float = 0.0
+) -> tuple[float, float, float, float]:
+    """``box`` widened by ``margin`` x its width / height on each side, clamped to the image (pixels).
 
-    The box is clamped to the image; one smaller than a pixel (on a tiny image) keeps the pixel it
-    covers. A box with no area inside the image is an :class:`ImageError`.
+    Raises :class:`ImageError` for a box that is not 4 numbers, has no area (needs x1 < x2 and
+    y1 < y2) or lies outside the image, and :class:`LensError` for a negative ``margin``.
+    """
+    try:
+        x1, y1, x2, y2 = Box.of(box).xyxy
+    except ValueError as exc:
+        raise ImageError(str(exc)) from None
+    width, height = image_size
+    if not margin >= 0:
+        raise LensError(f"the crop margin must be 0 or more, got {margin}")
+    if not (x2 > x1 and y2 > y1):
+        raise ImageError(f"box {x1:g},{y1:g},{x2:g},{y2:g} has no area (needs x1 < x2 and y1 < y2)")
+    if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
+        raise ImageError(
+            f"box {x1:g},{y1:g},{x2:g},{y2:g} lies outside the {width}x{height} image (no area inside it)"
+        )
+    dx, dy = (x2 - x1) * margin, (y2 - y1) * margin
+    return (max(0.0, x1 - dx), max(0.0, y1 - dy), min(float(width), x2 + dx), min(float(height), y2 + dy))
+
+
+def crop(image: Image.Image, box: Box | Sequence[float] | None, margin: float = 0.0) -> Image.Image:
+    """The region of ``image`` under ``box`` (a :class:`~lens.types.Box` or ``(x1, y1, x2, y2)`` in
+    pixels); ``None`` keeps the whole image (the same object is returned).
+
+    This is lens's only crop, and its one margin rule: the box is widened by ``margin`` times its own
+    width on the left and on the right, and times its own height at the top and at the bottom, then
+    clamped to the image (:func:`expand_box`); its edges are rounded to whole pixels, and a region
+    under a pixel wide (a tiny image) keeps the pixel under its centre. ``margin`` 0 (the default)
+    is the exact region asked for; searches from a detector's box use
+    :data:`lens.detect.DEFAULT_MARGIN` (5%) for context.
+
+    Raises :class:`ImageError` (see :func:`expand_box`) for a box with no area inside the image.
     """
     if box is None:
         return image
-    x1, y1, x2, y2 = (float(v) for v in box)
+    x1, y1, x2, y2 = expand_box(box, image.size, margin)
     width, height = image.size
-    cx1, cy1 = max(0.0, min(x1, x2)), max(0.0, min(y1, y2))
-    cx2, cy2 = min(float(width), max(x1, x2)), min(float(height), max(y1, y2))
-    if not (cx2 > cx1 and cy2 > cy1):
-        raise ImageError(
-            f"box {x1:g},{y1:g},{x2:g},{y2:g} has no area inside the {width}x{height} image"
-        )
 
     def span(low: float, high: float, size: int) -> tuple[int, int]:
         start, stop = round(low), round(high)
@@ -185,5 +219,5 @@ def crop(image: Image.Image, box: tuple[float, float, float, float] | None) -> I
             stop = start + 1
         return start, stop
 
-    (left, right), (top, bottom) = span(cx1, cx2, width), span(cy1, cy2, height)
+    (left, right), (top, bottom) = span(x1, x2, width), span(y1, y2, height)
     return image.crop((left, top, right, bottom))

@@ -21,10 +21,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from lens.detect import Box, box_at, create_detector, crop_box, main_subject
+from lens.detect import DEFAULT_MARGIN, Box, box_at, create_detector, main_subject
 from lens.errors import IndexMismatchError, IndexNotFoundError, LensError
 from lens.gallery import Gallery, SearchResult
 from lens.images import load_image
+from lens.search import query_picture
 
 log = logging.getLogger("lens")
 
@@ -39,6 +40,8 @@ OPEN_THREADS = 2
 
 @dataclass
 class MethodState:
+    """Where a served method stands."""
+
     name: str
     status: str  #: "ready", "queued", "building", "failed", "missing"
     detail: str = ""  #: progress or the reason it failed, for people
@@ -55,6 +58,13 @@ class Outcome:
 
 
 class LensService:
+    """The app's state for one gallery: its served methods, their indexes and a detection cache.
+
+    ``methods``: method specs to serve; ``detector`` / ``detector_weights``: see
+    :func:`lens.detect.create_detector`; ``detect_cache_size``: photos whose boxes are remembered.
+    Raises :class:`LensError` with no methods.
+    """
+
     def __init__(
         self,
         gallery: Gallery,
@@ -88,6 +98,7 @@ class LensService:
             self._prepare_all(build_missing)
 
     def wait(self, timeout: float | None = None) -> None:
+        """Wait for the start-up opening and building to end (at most ``timeout`` seconds)."""
         if self._worker is not None:
             self._worker.join(timeout)
 
@@ -133,17 +144,13 @@ class LensService:
         return True
 
     def states(self) -> list[MethodState]:
+        """Each served method's state (ready, queued, building, failed, missing), in serving order."""
         with self._lock:
             return [self._states[m] for m in self.methods]
 
     def ready_methods(self) -> list[str]:
+        """The methods that can be searched now."""
         return [s.name for s in self.states() if s.status == "ready"]
-
-    def status_markdown(self) -> str:
-        icons = {"ready": "●", "queued": "○", "building": "◐", "failed": "✕", "missing": "–"}
-        lines = [f"- {icons[s.status]} **{s.name}**: {s.status}" + (f" ({s.detail})" if s.detail else "")
-                 for s in self.states()]
-        return "\n".join(lines)
 
     # -- detection -------------------------------------------------------------------------------
     def detect(self, image: Image.Image, detector: str | None = None, threshold: float = 0.25) -> list[Box]:
@@ -165,36 +172,51 @@ class LensService:
 
     @staticmethod
     def main_subject_index(boxes: Sequence[Box], size: tuple[int, int]) -> int | None:
+        """Position in ``boxes`` of the main subject (:func:`lens.detect.main_subject`) of a picture of
+        ``size`` (width, height) pixels; None when there are no boxes."""
         subject = main_subject(list(boxes), size)
         return None if subject is None else list(boxes).index(subject)
 
     @staticmethod
     def box_at(boxes: Sequence[Box], x: float, y: float) -> int | None:
+        """Position of the smallest box under the point (x, y) in pixels (a click); None if none."""
         return box_at(list(boxes), x, y)
 
     @staticmethod
-    def subject_image(image: Image.Image, box: Box | None, margin: float = 0.05) -> Image.Image:
-        return image if box is None else crop_box(image, box, margin)
+    def subject_image(image: Image.Image, box: Box | None, margin: float = DEFAULT_MARGIN) -> Image.Image:
+        """What a search looks for: ``image`` cropped once to ``box`` with ``margin`` of context
+        (:func:`lens.images.crop`'s rule; 5% by default for a detector's box); ``None``: ``image`` itself.
+        """
+        return query_picture(image, box, margin)
 
     # -- search ----------------------------------------------------------------------------------
     def search(self, image: Image.Image, method: str, k: int = 10, box: Box | None = None) -> Outcome:
-        """The ``k`` most similar gallery images to ``image`` (or to its ``box``), timed."""
+        """The ``k`` most similar gallery images to ``image`` (or to its ``box``), timed.
+
+        The subject is cropped once (:meth:`subject_image`) and searched as it is.
+        Raises :class:`LensError` when ``method`` is not served or not ready.
+        """
+        return self.search_subject(self.subject_image(image, box), method, k)
+
+    def search_subject(self, subject: Image.Image, method: str, k: int = 10) -> Outcome:
+        """The ``k`` gallery images most similar to ``subject`` (an already cropped picture), timed."""
         state = next((s for s in self.states() if s.name == method), None)
         if state is None:
             raise LensError(f"method '{method}' is not served here; choose one of {', '.join(self.methods)}")
         if state.status != "ready":
             raise LensError(f"method '{method}' is not available yet: {state.status} ({state.detail})")
-        subject = self.subject_image(image, box)
         started = time.perf_counter()
         results = self.gallery.search(subject, method, k=k)
         return Outcome(method, results, time.perf_counter() - started)
 
     def compare(self, image: Image.Image, k: int = 5, box: Box | None = None) -> list[Outcome]:
-        """The same subject searched with every ready method (one outcome per method, errors kept)."""
+        """The same subject (cropped once) searched with every ready method: one outcome per method,
+        a method's error kept in its outcome."""
+        subject = self.subject_image(image, box)
         outcomes = []
         for method in self.ready_methods():
             try:
-                outcomes.append(self.search(image, method, k, box))
+                outcomes.append(self.search_subject(subject, method, k))
             except LensError as exc:
                 outcomes.append(Outcome(method, error=str(exc)))
         return outcomes

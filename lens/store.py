@@ -34,7 +34,7 @@ import numpy as np
 
 from lens.errors import CorruptIndexError, IndexMismatchError, IndexNotFoundError
 from lens.index import VectorIndex, load_index
-from lens.methods.base import MethodInfo
+from lens.types import MethodInfo
 
 POINTER = "CURRENT"
 MANIFEST = "manifest.json"
@@ -97,7 +97,7 @@ def publish(
     ``write_extra(folder)`` writes more files into the build (returning their names); they are
     checksummed in the manifest like the rest.
     """
-    from lens import __version__
+    from lens.version import __version__
 
     method_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=method_dir))

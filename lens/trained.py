@@ -26,8 +26,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lens.errors import ModelLoadError
-from lens.methods.base import fingerprint_arrays
+from lens.errors import LensError, ModelLoadError
+from lens.types import fingerprint_arrays
 
 MODEL = "model.safetensors"
 CONFIG = "config.json"
@@ -131,3 +131,19 @@ def load_model(folder: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], 
             f"train again with `lens train {kind} GALLERY --out {folder}`"
         )
     return tensors, config
+
+
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters being trained, by name (what checkpoints and trained models store)."""
+    return {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
+
+
+def load_trainable(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Load ``tensors`` (by parameter name) into the trainable parameters of ``module``.
+
+    Raises :class:`LensError` when the names do not match the trainable parameters exactly.
+    """
+    expected = {name for name, p in module.named_parameters() if p.requires_grad}
+    if set(tensors) != expected:
+        raise LensError(f"saved tensors do not fit the network ({sorted(set(tensors) ^ expected)[:3]} ...)")
+    module.load_state_dict(tensors, strict=False)

@@ -13,7 +13,7 @@ from pathlib import Path
 from conftest import shared_path  # noqa: F401  (re-exported for the test modules)
 from PIL import Image
 
-from lens import metrics
+from lens.evaluation import metrics
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -86,6 +86,43 @@ def test_upload_pick_a_box_and_search_with_two_methods(served):
         assert whole["results"][0]["score"] > 0.9
 
 
+def test_one_search_decodes_the_photo_once_and_crops_it_once(served, monkeypatch):
+    """Through the public path (the /search endpoint, as the app's search does): one decode, one crop."""
+    from gradio_client import handle_file
+
+    import lens.images
+
+    client, _ = served
+    decodes, crops = [], []
+    decode, widen = lens.images._open, lens.images.expand_box
+    monkeypatch.setattr(lens.images, "_open", lambda *a, **kw: decodes.append(a[0]) or decode(*a, **kw))
+    monkeypatch.setattr(lens.images, "expand_box", lambda *a, **kw: crops.append(a[0]) or widen(*a, **kw))
+    answer = client.predict(handle_file(str(EXAMPLE)), "resnet50", 3, [10, 10, 200, 150], api_name="/search")
+    assert len(answer["results"]) == 3
+    assert len(decodes) == 1 and len(crops) == 1, (decodes, crops)
+    decodes.clear(), crops.clear()
+    rows = client.predict(handle_file(str(EXAMPLE)), 2, [10, 10, 200, 150], api_name="/compare")
+    assert len(rows) == 2 and len(decodes) == 1 and len(crops) == 1, (decodes, crops)
+
+
+def test_the_pages_upload_then_search_decodes_once_and_crops_once(served, monkeypatch):
+    """The page's own events: the upload is decoded once, the chosen box cropped once (shown and searched)."""
+    import app
+    import lens.images
+
+    _, service = served
+    decodes, crops = [], []
+    decode, widen = lens.images._open, lens.images.expand_box
+    monkeypatch.setattr(lens.images, "_open", lambda *a, **kw: decodes.append(Path(a[0])) or decode(*a, **kw))
+    monkeypatch.setattr(lens.images, "expand_box", lambda *a, **kw: crops.append(a[0]) or widen(*a, **kw))
+    on = app.Handlers(service)
+    image, boxes, subject, _ = on.on_photo(str(EXAMPLE), "test-quadrants", 0.25)
+    view, shown, results, note = on.on_search(image, boxes, subject["value"], "resnet50", 3)
+    assert len(results) == 3 and "resnet50" in note
+    assert decodes.count(EXAMPLE) == 1 and len(crops) == 1, (decodes, crops)
+    assert shown.size != image.size  # the main subject was cropped, and that crop is what was searched
+
+
 def test_compare_returns_one_row_per_indexed_method(served):
     from gradio_client import handle_file
 

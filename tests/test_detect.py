@@ -21,8 +21,6 @@ from lens.detect import (  # noqa: E402
     box_at,
     boxes_from_arrays,
     create_detector,
-    crop_box,
-    expand_box,
     main_subject,
 )
 from lens.errors import LensError, ModelLoadError  # noqa: E402
@@ -105,36 +103,6 @@ def test_box_at_is_the_smallest_box_under_the_point():
     assert box_at(boxes, 5, 95) == 0
     assert box_at(boxes, 150, 10) is None
     assert box_at([], 1, 1) is None
-
-
-def test_crop_adds_the_margin_and_stays_inside_the_image():
-    image = Image.fromarray(np.arange(80 * 100 * 3, dtype=np.uint32).reshape(80, 100, 3).astype(np.uint8))
-    box = Box(10, 10, 50, 30, "thing", 0.9)
-    assert expand_box(box, image.size, 0.1) == (6.0, 8.0, 54.0, 32.0)  # 10% of 40 x 20 on each side
-    region = crop_box(image, box, margin=0.1)
-    assert region.size == (48, 24)
-    assert np.array_equal(np.asarray(region), np.asarray(image)[8:32, 6:54])
-    assert crop_box(image, box, margin=0).size == (40, 20)
-    edge = crop_box(image, (80, 60, 100, 80), margin=0.5)  # the margin is clamped at the borders
-    assert edge.size == (30, 30)
-    assert np.array_equal(np.asarray(edge), np.asarray(image)[50:80, 70:100])
-    assert crop_box(image, None) is image  # the whole image is always an option
-
-
-@pytest.mark.parametrize("box, why", [
-    ((10, 10, 10, 40), "no area"),
-    ((30, 10, 20, 40), "no area"),
-    ((100, 10, 140, 40), "outside the 100x80 image"),
-    ((-50, -50, -1, -1), "outside the 100x80 image"),
-])
-def test_crop_of_an_empty_or_outside_box_is_a_clear_error(box, why):
-    with pytest.raises(ImageError, match=why):
-        crop_box(noise(100, 80), box, margin=0.5)
-
-
-def test_negative_margin_is_refused():
-    with pytest.raises(LensError, match="margin"):
-        crop_box(noise(100, 80), (10, 10, 50, 50), margin=-0.1)
 
 
 # -- YOLO with random weights: the full ultralytics code path, offline --------------------------------
@@ -339,14 +307,14 @@ def test_real_yolo_boxes_map_back_through_the_letterbox(yolo_int8, canvas_size, 
     expected = Box(alone.x1 + dx, alone.y1 + dy, alone.x2 + dx, alone.y2 + dy)
     cats = [b for b in yolo_int8.detect(canvas) if b.label == "cat"]
     assert cats, "the pasted cat is found"
-    from lens.detect_eval import iou
+    from lens.evaluation.detect_eval import iou
 
     assert iou(cats[0], expected) > 0.85, (cats[0], expected)
 
 
 @pytest.fixture(scope="module")
 def coco_detections():
-    from lens.detect_eval import detect_coco
+    from lens.evaluation.detect_eval import detect_coco
 
     images = shared_path(COCO_MINI)
     # low threshold and many boxes for mAP; the user's view (conf 0.25, 20 boxes) is a filter of this
@@ -356,7 +324,7 @@ def coco_detections():
 
 @pytest.mark.shared
 def test_real_yolo_map_on_coco_mini(coco_detections):
-    from lens.detect_eval import coco_map
+    from lens.evaluation.detect_eval import coco_map
 
     scores = coco_map(coco_detections)
     assert scores["map50"] >= 0.45, scores  # measured 0.530 (docs/detection.md)
@@ -364,7 +332,7 @@ def test_real_yolo_map_on_coco_mini(coco_detections):
 
 @pytest.mark.shared
 def test_main_subject_is_a_prominent_real_object_on_coco_mini(coco_detections):
-    from lens.detect_eval import main_subject_agreement
+    from lens.evaluation.detect_eval import main_subject_agreement
 
     # the chosen box is one of the three largest annotated objects, with the right class, in most
     # images (measured 0.82; picking the highest score gives 0.75, the largest box 0.77)

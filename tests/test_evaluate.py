@@ -9,7 +9,7 @@ import pytest
 from conftest import make_picture
 from test_cli import lens
 
-from lens.datasets import load_dataset
+from lens.evaluation.datasets import load_dataset
 
 
 def _class_folders(root, splits=("train", "test"), per_class=(4, 2)):

@@ -14,7 +14,7 @@ from lens import Gallery
 from lens.errors import LensError
 from lens.index import create_index, load_index, rerank_exact
 from lens.methods import register_method
-from lens.methods.base import BaseMethod, MethodInfo, l2_normalise
+from lens.types import BaseMethod, MethodInfo, l2_normalise
 
 
 def clustered(n: int, dim: int, seed: int = 0, clusters: int = 200) -> np.ndarray:

@@ -11,8 +11,9 @@ import pytest
 from conftest import make_picture, write_gallery
 from PIL import Image
 
-from lens import Gallery, LensError
+from lens import Box, Gallery, LensError
 from lens.errors import IndexMismatchError, IndexNotFoundError
+from lens.images import crop
 from lens.index.annoy_index import AnnoyIndex
 
 
@@ -63,6 +64,12 @@ def test_box_searches_only_that_region(gallery, gallery_dir, tmp_path):
     box = (30, 40, 30 + target.width, 40 + target.height)
     assert gallery.search(canvas, "resnet50", k=1, box=box)[0].path == "img000.jpg"
     assert gallery.search(canvas, "resnet50", k=1, box=box)[0].score > 0.99
+    # a detector's Box works as well as 4 numbers; with a margin the crop takes in some context
+    detected = Box(*box, label="picture", score=0.7)
+    assert gallery.search(canvas, "resnet50", k=3, box=detected) == gallery.search(canvas, "resnet50", k=3, box=box)
+    widened = gallery.search(canvas, "resnet50", k=3, box=detected, margin=0.3)
+    assert widened == gallery.search(crop(canvas, box, 0.3), "resnet50", k=3)
+    assert widened != gallery.search(canvas, "resnet50", k=3, box=box)
 
 
 def test_index_built_by_another_model_is_refused_naming_both(gallery, gallery_dir, tiny_resnet,

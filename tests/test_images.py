@@ -9,7 +9,9 @@ import pytest
 from conftest import shared_path
 from PIL import Image
 
-from lens.images import ImageError, crop, iter_image_files, load_image
+from lens.errors import LensError
+from lens.images import ImageError, crop, expand_box, iter_image_files, load_image
+from lens.types import Box
 
 
 def _encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -101,6 +103,44 @@ def test_crop_clamps_to_the_image_and_refuses_empty_boxes():
     assert crop(Image.new("RGB", (1, 1)), (0, 0, 0.5, 1)).size == (1, 1)
     assert crop(image, (20.2, 5, 20.4, 9)).size == (1, 4)
 
+
+
+def test_crop_adds_the_margin_and_stays_inside_the_image():
+    image = Image.fromarray(np.arange(80 * 100 * 3, dtype=np.uint32).reshape(80, 100, 3).astype(np.uint8))
+    box = Box(10, 10, 50, 30, "thing", 0.9)
+    assert expand_box(box, image.size, 0.1) == (6.0, 8.0, 54.0, 32.0)  # 10% of 40 x 20 on each side
+    region = crop(image, box, margin=0.1)
+    assert region.size == (48, 24)
+    assert np.array_equal(np.asarray(region), np.asarray(image)[8:32, 6:54])
+    assert crop(image, box, margin=0).size == (40, 20)
+    edge = crop(image, (80, 60, 100, 80), margin=0.5)  # the margin is clamped at the borders
+    assert edge.size == (30, 30)
+    assert np.array_equal(np.asarray(edge), np.asarray(image)[50:80, 70:100])
+    assert crop(image, None) is image  # the whole image is always an option
+
+
+@pytest.mark.parametrize("box, why", [
+    ((10, 10, 10, 40), "no area"),
+    ((30, 10, 20, 40), "no area"),
+    ((100, 10, 140, 40), "outside the 100x80 image"),
+    ((-50, -50, -1, -1), "outside the 100x80 image"),
+])
+def test_crop_of_an_empty_or_outside_box_is_a_clear_error(box, why):
+    with pytest.raises(ImageError, match=why):
+        crop(Image.new("RGB", (100, 80)), box, margin=0.5)
+
+
+def test_negative_margin_is_refused():
+    with pytest.raises(LensError, match="margin"):
+        crop(Image.new("RGB", (100, 80)), (10, 10, 50, 50), margin=-0.1)
+
+
+def test_crop_takes_a_detector_box_or_four_numbers_alike():
+    image = Image.fromarray(np.arange(80 * 100 * 3, dtype=np.uint32).reshape(80, 100, 3).astype(np.uint8))
+    detected = Box(10, 10, 50, 30, "cup", 0.8)
+    assert np.array_equal(np.asarray(crop(image, detected, 0.1)), np.asarray(crop(image, [10, 10, 50, 30], 0.1)))
+    with pytest.raises(ImageError, match="4 numbers"):
+        crop(image, (1, 2, 3))
 
 def test_folder_scan_is_recursive_sorted_and_skips_hidden(tmp_path):
     for name in ("b.jpg", "a.PNG", "sub/c.webp", ".hidden/d.jpg", "sub/.e.jpg", "notes.txt", "f.gif"):

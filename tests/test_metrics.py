@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from lens.metrics import average_precision, hit_at_k, interpolated_pr, mean_or_nan, precision_recall
+from lens.evaluation.metrics import average_precision, hit_at_k, interpolated_pr, mean_or_nan, precision_recall
 
 
 def test_average_precision_by_hand():

@@ -24,8 +24,11 @@ from safetensors import safe_open  # noqa: E402
 from lens import Gallery  # noqa: E402
 from lens.cli import main  # noqa: E402
 from lens.errors import IndexMismatchError, LensError, ModelLoadError  # noqa: E402
-from lens.methods import autoencoder, create_method, siamese  # noqa: E402
-from lens.train import CHECKPOINT, TrainSettings, training_data  # noqa: E402
+from lens.methods import autoencoder as autoencoder_method  # noqa: E402
+from lens.methods import create_method  # noqa: E402
+from lens.methods import siamese as siamese_method  # noqa: E402
+from lens.training import autoencoder, siamese  # noqa: E402
+from lens.training.loop import CHECKPOINT, TrainSettings, training_data  # noqa: E402
 
 #: three classes: a shape and a hue each, on random grey backgrounds
 CLASSES = {"circle": (220, 40, 40), "square": (40, 200, 60), "triangle": (50, 70, 230)}
@@ -104,10 +107,10 @@ def test_autoencoder_loss_decreases_and_the_saved_model_reloads_to_identical_emb
     assert (method.info.dim, method.info.metric, method.info.weights) == (16, "cosine", report.weights)
     vectors = method.embed(images)
     with torch.no_grad():
-        pixels = torch.stack([autoencoder.to_pixels(i, 32) for i in images]).float() / 255
+        pixels = torch.stack([autoencoder_method.to_pixels(i, 32) for i in images]).float() / 255
         expected = torch.nn.functional.normalize(report.module.encoder(pixels), dim=1).numpy()
     np.testing.assert_allclose(vectors, expected, atol=1e-5)
-    again = autoencoder.AutoencoderMethod("autoencoder", out)  # a second, independent load
+    again = autoencoder_method.AutoencoderMethod("autoencoder", out)  # a second, independent load
     np.testing.assert_array_equal(again.embed(images), vectors)
 
 
@@ -135,7 +138,7 @@ def test_siamese_learns_the_classes_and_reloads_to_identical_embeddings(shapes, 
         features = backbone.features(torch.stack([backbone.prepare(i) for i in images]))
         expected = report.module.embed(features).numpy()
     np.testing.assert_allclose(vectors, expected, atol=1e-5)
-    np.testing.assert_array_equal(siamese.BranchMethod("siamese", out, "siamese").embed(images), vectors)
+    np.testing.assert_array_equal(siamese_method.BranchMethod("siamese", out, "siamese").embed(images), vectors)
 
     # trained embeddings rank same-class pictures higher than the backbone's own do
     labels = np.repeat(np.arange(3), PER_CLASS)
@@ -349,9 +352,15 @@ def test_cli_training_errors_are_one_line(shapes, argv, message, capsys):
     assert err.startswith("lens: error:") and message in err and "Traceback" not in err
 
 
-def test_cli_help_shows_the_trainers_defaults():
-    from lens.cli import TRAIN_DEFAULTS
+def test_every_trained_method_has_one_trainer_and_the_cli_shows_its_defaults(capsys):
+    """lens train loops over the trainers' registry: one place for each trainer's defaults."""
+    from lens.methods import is_trained, list_methods
+    from lens.training import TRAINERS
 
-    for kind, defaults in [("autoencoder", autoencoder.DEFAULTS), ("siamese", siamese.SIAMESE_DEFAULTS),
-                           ("finetune", siamese.FINETUNE_DEFAULTS)]:
-        assert TRAIN_DEFAULTS[kind] == (defaults.epochs, defaults.batch_size, defaults.lr, defaults.patience)
+    assert sorted(TRAINERS) == sorted(m for m in list_methods() if is_trained(m))
+    for kind, trainer in TRAINERS.items():
+        with pytest.raises(SystemExit):
+            main(["train", kind, "--help"])
+        shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+        assert f"(default: {trainer.defaults.epochs})" in shown and f"(default: {trainer.defaults.lr:g})" in shown
+        assert all(option.cli_flag in shown for option in trainer.options)

@@ -61,10 +61,12 @@ class VectorIndex(Protocol):
     metric: str  #: ``cosine`` or ``hamming``
 
     def build(self, vectors: np.ndarray) -> None:
-        """Index ``vectors`` (n x dim); row i gets id i. Replaces anything built before."""
+        """Index ``vectors``: ``(n, dim)`` float32 (cosine) or ``(n, dim / 8)`` uint8 packed bits
+        (hamming); row i gets id i. Replaces anything built before."""
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """For each query row, the ids (-1 where fewer than k) and similarities in [0, 1], best first."""
+        """For each query row (``queries`` shaped like :meth:`build`'s vectors): ``(q, k)`` int64 ids
+        (-1 where fewer than k) and ``(q, k)`` float32 similarities in [0, 1], best first."""
 
     def save(self, folder: Path) -> list[str]:
         """Write the index's files into ``folder``; returns the file names written."""
@@ -77,6 +79,7 @@ class VectorIndex(Protocol):
 
 
 def register_backend(name: str):
+    """Class decorator: register a :class:`VectorIndex` class under the spec prefix ``name``."""
     def decorator(cls: type[VectorIndex]) -> type[VectorIndex]:
         _BACKENDS[name] = cls
         return cls
@@ -97,6 +100,7 @@ def _backend(spec: str) -> type[VectorIndex]:
 
 
 def list_backends() -> list[str]:
+    """The registered backend names (``annoy``, ``faiss``, ``lsh``), sorted."""
     _backend(DEFAULT_INDEX)
     return sorted(_BACKENDS)
 
@@ -107,6 +111,8 @@ def create_index(spec: str, dim: int, metric: str) -> VectorIndex:
 
 
 def load_index(folder: Path, spec: str, dim: int, metric: str) -> VectorIndex:
+    """Open the index saved in ``folder`` by the backend of ``spec``; raises :class:`LensError` for an
+    unknown backend (and the backend's :class:`~lens.errors.CorruptIndexError` for damaged files)."""
     return _backend(spec).load(Path(folder), spec, dim, metric)
 
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from lens.errors import CorruptIndexError, LensError
 from lens.index import register_backend, similarity_from_distance
-from lens.methods.base import l2_normalise
+from lens.types import l2_normalise
 
 FILE = "index.faiss"
 _METRICS = ("cosine", "hamming")

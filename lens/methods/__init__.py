@@ -19,12 +19,12 @@ import importlib
 import os
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from lens.errors import LensError
-from lens.methods.base import BaseMethod, Method, MethodInfo, fingerprint_arrays, l2_normalise
+from lens.types import BaseMethod, Method, MethodInfo, fingerprint_arrays, l2_normalise
 
 __all__ = [
     "BaseMethod",
@@ -36,6 +36,7 @@ __all__ = [
     "l2_normalise",
     "list_methods",
     "method_slug",
+    "parse_models",
     "register_method",
 ]
 
@@ -77,6 +78,20 @@ def _load_families() -> None:
         for family in _FAMILIES:
             importlib.import_module(f"lens.methods.{family}")
         _loaded = True
+
+
+def parse_models(pairs: Sequence[str]) -> dict[str, str]:
+    """Model overrides from ``NAME=PATH_OR_HUB_ID`` pairs (the ``--model`` option of the CLI and the app).
+
+    Returns ``{method name: hub id or local path}``; raises :class:`LensError` for a malformed pair.
+    """
+    models = {}
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path:
+            raise LensError(f"--model expects NAME=PATH_OR_HUB_ID, got '{pair}'")
+        models[name.strip()] = path.strip()
+    return models
 
 
 def is_trained(spec: str) -> bool:

@@ -1,6 +1,6 @@
 """Convolutional autoencoder: trained on a gallery's own images, embeds with its encoder's latent.
 
-``lens train autoencoder GALLERY`` trains it to reconstruct the gallery's pictures, squashed to
+``lens train autoencoder GALLERY`` (:mod:`lens.training.autoencoder`) trains it to reconstruct the gallery's pictures, squashed to
 ``image_size`` x ``image_size`` (default 128), through a ``latent_dim`` bottleneck (default 256):
 four stride-2 3x3 convolutions (16, 32, 64, 128 channels) and a linear layer encode; a linear layer
 and four stride-2 transposed convolutions decode; the loss is the mean squared error of the pixels.
@@ -13,7 +13,6 @@ autoencoder=PATH`` or the spec ``autoencoder:PATH``.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,12 +25,10 @@ from torch import nn
 
 from lens.errors import LensError, ModelLoadError
 from lens.methods import register_method
-from lens.methods.base import BaseMethod, MethodInfo, l2_normalise
-from lens.train import TrainReport, TrainSettings, load_all, load_trainable, train_and_save, training_data
-from lens.trained import fingerprint, load_model, model_folder
+from lens.types import BaseMethod, MethodInfo, l2_normalise
+from lens.trained import fingerprint, load_model, load_trainable, model_folder
 
 KIND = "autoencoder"
-DEFAULTS = TrainSettings(epochs=20, batch_size=32, lr=1e-3, patience=3)
 CHANNELS = (16, 32, 64, 128)
 
 
@@ -101,46 +98,3 @@ class AutoencoderMethod(BaseMethod):
 @register_method(KIND, prefix=True)
 def _factory(spec: str, model: str | None = None, **options: Any) -> AutoencoderMethod:
     return AutoencoderMethod(spec, model_folder(KIND, spec, model), **options)
-
-
-class _Reconstruction:
-    """The objective: reconstruct the pictures (randomly mirrored while training)."""
-
-    def __init__(self, net: ConvAutoencoder, pixels: torch.Tensor, device: torch.device):
-        self.module, self.pixels, self.device = net, pixels, device
-
-    def loss(self, batch: np.ndarray, rng: np.random.Generator, train: bool) -> torch.Tensor:
-        x = self.pixels[torch.from_numpy(batch)].to(self.device).float() / 255
-        if train:
-            mirror = torch.from_numpy(rng.random(len(batch)) < 0.5).to(self.device)
-            x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
-        return F.mse_loss(self.module(x), x)
-
-
-def train(
-    gallery: str | Path,
-    out: str | Path,
-    settings: TrainSettings = DEFAULTS,
-    *,
-    image_size: int = 128,
-    latent_dim: int = 256,
-    resume: bool = False,
-    progress: bool = True,
-    workers: int = 2,
-) -> TrainReport:
-    """Train an autoencoder on the images of ``gallery`` and write it to the model folder ``out``."""
-    started = time.perf_counter()
-    settings, out = settings.checked(), Path(out)
-    config = {"kind": KIND, "image_size": image_size, "latent_dim": latent_dim, "channels": list(CHANNELS)}
-    torch.manual_seed(settings.seed)
-    net = _network(config)  # checks the sizes before any image is read
-    data = training_data(gallery, labels="none")
-    pictures, rows = load_all(data.files(), lambda image: to_pixels(image, image_size),
-                              workers=workers, progress=progress, desc="reading images")
-    data.keep(rows)
-    if len(pictures) < 2:
-        raise LensError(f"need at least 2 readable images in '{gallery}' to train, found {len(pictures)}")
-    device = settings.torch_device()
-    objective = _Reconstruction(net.to(device), torch.stack(pictures), device)
-    return train_and_save(KIND, out, objective, data, config, settings, resume=resume, progress=progress,
-                          started=started, options={"image_size": image_size, "latent_dim": latent_dim})

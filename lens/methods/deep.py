@@ -38,7 +38,7 @@ from PIL import Image
 
 from lens.errors import ModelLoadError
 from lens.methods import register_method
-from lens.methods.base import BaseMethod, MethodInfo, fingerprint_arrays, l2_normalise
+from lens.types import BaseMethod, MethodInfo, fingerprint_arrays, l2_normalise
 from lens.methods.runtime import OnnxForward, Pooled, onnx_forward, runtime_setting
 
 log = logging.getLogger("lens")
@@ -129,7 +129,7 @@ class HFBackbone(BaseMethod):
 
     @property
     def streams(self) -> int:
-        """Batches a bulk embedding runs side by side (see :class:`~lens.methods.base.Method`): one
+        """Batches a bulk embedding runs side by side (see :class:`~lens.types.Method`): one
         per thread of ONNX Runtime's session, each single-threaded; 1 in PyTorch."""
         return self._onnx.threads if self._onnx is not None else 1
 

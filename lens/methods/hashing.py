@@ -25,7 +25,7 @@ from PIL import Image
 
 from lens.errors import LensError
 from lens.methods import register_method
-from lens.methods.base import BaseMethod, MethodInfo
+from lens.types import BaseMethod, MethodInfo
 
 HASHES: dict[str, Callable[..., imagehash.ImageHash]] = {
     "phash": imagehash.phash,

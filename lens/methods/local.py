@@ -48,7 +48,7 @@ from PIL import Image
 from lens.errors import CorruptIndexError, LensError
 from lens.images import load_image
 from lens.methods import register_method
-from lens.methods.base import BaseMethod, Match, MethodInfo, fingerprint_arrays
+from lens.types import BaseMethod, Match, MethodInfo, fingerprint_arrays
 from lens.methods.sift import extract, root_sift
 
 log = logging.getLogger("lens")
@@ -510,9 +510,9 @@ class LocalConfig:
 class LocalMatcher(BaseMethod):
     """Exact-item search: visual words + Hamming embedding + inverted file + RANSAC (see the module).
 
-    As a :class:`~lens.methods.base.Method` it gives a 1-d placeholder vector per image (its
+    As a :class:`~lens.types.Method` it gives a 1-d placeholder vector per image (its
     retrieval is its own inverted file, :meth:`match`); it learns from the gallery
-    (:class:`~lens.methods.base.LearnsFromGallery`: the vocabulary, unless ``vocabulary=`` names a
+    (:class:`~lens.types.LearnsFromGallery`: the vocabulary, unless ``vocabulary=`` names a
     saved one) and keeps every indexed image's quantised keypoints in the build.
     """
 

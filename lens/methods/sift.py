@@ -40,7 +40,7 @@ from PIL import Image
 from lens.errors import CorruptIndexError, LensError
 from lens.images import load_image
 from lens.methods import register_method
-from lens.methods.base import BaseMethod, MethodInfo, fingerprint_arrays
+from lens.types import BaseMethod, MethodInfo, fingerprint_arrays
 
 log = logging.getLogger("lens")
 

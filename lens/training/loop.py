@@ -40,37 +40,12 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
 from lens.errors import LensError
-from lens.trained import save_model, save_tensors
+from lens.training import TrainSettings
+from lens.trained import load_trainable, save_model, save_tensors, trainable_state
 
 log = logging.getLogger("lens")
 
 CHECKPOINT = "checkpoint.safetensors"
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """The parameters of one training run (each trainer has its own defaults)."""
-
-    epochs: int = 20
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    seed: int = 0
-    val_split: float = 0.1  #: share of the images held out to pick the best epoch and stop early
-    patience: int = 3  #: epochs without a better validation loss before stopping; 0 = never stop early
-    device: str | None = None  #: default: cuda when available, else cpu
-
-    def checked(self) -> TrainSettings:
-        if self.epochs < 1 or self.batch_size < 2:
-            raise LensError("--epochs must be at least 1 and --batch-size at least 2")
-        if not 0 <= self.val_split < 1:
-            raise LensError(f"--val-split must be in [0, 1), got {self.val_split}")
-        if self.lr <= 0 or self.patience < 0:
-            raise LensError("--lr must be positive and --patience not negative")
-        return self
-
-    def torch_device(self) -> torch.device:
-        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 # -- training data ---------------------------------------------------------------------------------
@@ -112,9 +87,12 @@ def training_data(root: str | Path, labels: str = "auto") -> TrainingData:
     least two, else a ``labels.csv`` in the gallery, else none), ``folders``, ``none``, or the path of
     a CSV file with columns ``path,label`` (paths relative to the gallery).
     """
-    from lens.gallery import Gallery
+    from lens.indexing import scan
 
-    items = Gallery(root).scan()
+    if not Path(root).is_dir():
+        raise LensError(f"gallery folder '{root}' does not exist or is not a folder")
+    # the folder a Gallery keeps its indexes in by default (indexes/<name>, from here) is not trained on
+    items = scan(Path(root), exclude=(Path("indexes") / Path(root).resolve().name,))
     if not items:
         raise LensError(f"no images found in '{root}' to train on")
     root = Path(root)
@@ -233,18 +211,6 @@ class _State:
     best_epoch: int = 0
     bad_epochs: int = 0
     stopped_early: bool = False
-
-
-def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters being trained, by name (what checkpoints and trained models store)."""
-    return {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
-
-
-def load_trainable(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    expected = {name for name, p in module.named_parameters() if p.requires_grad}
-    if set(tensors) != expected:
-        raise LensError(f"saved tensors do not fit the network ({sorted(set(tensors) ^ expected)[:3]} ...)")
-    module.load_state_dict(tensors, strict=False)
 
 
 def fit(
@@ -445,7 +411,7 @@ def save_trained(
     options: dict[str, Any],
 ) -> TrainReport:
     """Write the trained model folder with its manifest, and drop the finished run's checkpoint."""
-    from lens import __version__
+    from lens.version import __version__
 
     seconds = time.perf_counter() - started
     manifest = {

@@ -14,10 +14,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
-from lens.datasets import Dataset  # noqa: E402
-from lens.evaluate import RECALL_KS, MethodResult  # noqa: E402
+from lens.evaluation.datasets import Dataset  # noqa: E402
+from lens.evaluation.evaluate import RECALL_KS, MethodResult  # noqa: E402
 from lens.images import load_image  # noqa: E402
-from lens.metrics import interpolated_pr  # noqa: E402
+from lens.evaluation.metrics import interpolated_pr  # noqa: E402
 
 COLUMNS = ["method", "mAP", *[f"R@{k}" for k in RECALL_KS], "query ms p50", "embed ms/img",
            "build s", "index KiB", "ANN recall@10"]

@@ -2,7 +2,7 @@
 
 For each method: build (or refresh) its index over the dataset's gallery, run every query through the
 public search path exactly as a user's query runs (one query at a time, timed), and score the
-rankings (see :mod:`lens.metrics` for the conventions). Approximate indexes are also compared with
+rankings (see :mod:`lens.evaluation.metrics` for the conventions). Approximate indexes are also compared with
 exact search over the stored vectors (recall@10).
 """
 
@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from lens.datasets import Dataset
+from lens.evaluation.datasets import Dataset
 from lens.gallery import SCORE_LABELS, Gallery
 from lens.images import ImageError, load_image
-from lens.metrics import average_precision, hit_at_k, mean_or_nan
+from lens.evaluation.metrics import average_precision, hit_at_k, mean_or_nan
 
 log = logging.getLogger("lens")
 RECALL_KS = (1, 5, 10)
@@ -182,7 +182,7 @@ def environment() -> dict[str, Any]:
 
     import torch
 
-    from lens import __version__
+    from lens.version import __version__
 
     versions = {"lens": __version__, "python": platform.python_version()}
     for package in ("torch", "torchvision", "transformers", "timm", "annoy", "faiss-cpu", "opencv-python",
@@ -232,15 +232,12 @@ def prepare_trained(gallery: Gallery, dataset: Dataset, method: str, *, backbone
     fresh = manifest is None or manifest["data"]["gallery"] != root or (
         labels == "none" and manifest["data"]["labels"] != "none")
     if not given and fresh:
-        from lens.methods import autoencoder, siamese
+        from lens.training import get_trainer
 
-        if method == "autoencoder":
-            report = autoencoder.train(root, folder, replace(autoencoder.DEFAULTS, seed=seed), progress=progress)
-        else:
-            trainer, defaults = ((siamese.train, siamese.SIAMESE_DEFAULTS) if method == "siamese"
-                                 else (siamese.finetune, siamese.FINETUNE_DEFAULTS))
-            options = {"labels": labels, **({"backbone": backbone} if backbone else {})}
-            report = trainer(root, folder, replace(defaults, seed=seed), progress=progress, **options)
+        trainer = get_trainer(method)
+        given_options = {"labels": labels, "backbone": backbone}
+        options = {name: value for name, value in given_options.items() if value and trainer.accepts(name)}
+        report = trainer.train(root, folder, replace(trainer.defaults, seed=seed), progress=progress, **options)
         manifest = report.manifest
     if manifest is None:
         return f"the model in {folder} (no manifest: unknown training data)"

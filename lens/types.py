@@ -1,4 +1,11 @@
-"""What a similarity method is: the small protocol every method family implements."""
+"""The ground floor: what a box, a method and a result are. Imports nothing of lens.
+
+- :class:`Box`: a region of a picture, ``x1, y1, x2, y2`` in pixels (+ a label and a score).
+- :class:`Method` (+ the optional :class:`LearnsFromGallery`, :class:`Reranks` and
+  :class:`MatchesLocally`, whose :class:`Match` es are exact matches): the small protocol
+  every similarity method family implements; :class:`MethodInfo` is what an index records about it.
+- :class:`SearchResult`: one gallery image found for a query.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +13,112 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, Union, runtime_checkable
 
 import numpy as np
 from PIL import Image
+
+
+@dataclass(frozen=True)
+class Box:
+    """A region of a picture: corners in pixels of the (EXIF-oriented) image, a label and a score.
+
+    A detector's boxes carry its class label and confidence in [0, 1]; a region the user drew is
+    ``Box.of((x1, y1, x2, y2))`` (label ``region``, score 1).
+    """
+
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    label: str = "object"
+    score: float = 1.0
+
+    @classmethod
+    def of(cls, value: Box | Sequence[float], label: str = "region", score: float = 1.0) -> Box:
+        """``value`` itself when it is a Box, else a Box from a 4-sequence ``(x1, y1, x2, y2)`` in pixels.
+
+        Raises ``ValueError`` when ``value`` is not 4 numbers.
+        """
+        if isinstance(value, Box):
+            return value
+        try:
+            x1, y1, x2, y2 = (float(v) for v in value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"a box is 4 numbers x1, y1, x2, y2 in pixels, got {value!r}") from exc
+        return cls(x1, y1, x2, y2, label, score)
+
+    @property
+    def xyxy(self) -> tuple[float, float, float, float]:
+        """``(x1, y1, x2, y2)`` in pixels."""
+        return self.x1, self.y1, self.x2, self.y2
+
+    @property
+    def area(self) -> float:
+        """Square pixels; 0 for a box with no extent."""
+        return max(0.0, self.x2 - self.x1) * max(0.0, self.y2 - self.y1)
+
+    def contains(self, x: float, y: float) -> bool:
+        """Whether the point (x, y), in pixels, lies inside the box or on its edge."""
+        return self.x1 <= x <= self.x2 and self.y1 <= y <= self.y2
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``{"box": [x1, y1, x2, y2] (pixels, 0.1 px), "label", "score"}``."""
+        return {
+            "box": [round(v, 1) for v in self.xyxy],
+            "label": self.label,
+            "score": round(self.score, 4),
+        }
+
+
+#: A region to search: a :class:`Box` or ``(x1, y1, x2, y2)`` in pixels; ``None`` is the whole image.
+Region = Union[Box, Sequence[float], None]
+#: Candidates to re-rank: a number, ``"all"``, or None (the method's or index's default).
+Rerank = Union[int, Literal["all"], None]
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """One gallery image found for a query."""
+
+    rank: int  #: 1 = best
+    path: str  #: the image's path relative to the gallery root (its id)
+    score: float  #: similarity in [0, 1], 1 = identical; or a count, see ``kind``
+    file: Path  #: where the image is on disk
+    #: what ``score`` is: ``cosine`` or ``hamming`` similarity in [0, 1], ``inliers`` (a count of
+    #: RANSAC-verified keypoint matches) or ``votes`` (unverified inverted-file votes); see SCORE_LABELS
+    kind: str = "cosine"
+    #: ``exact``: the same item, verified geometrically (a RANSAC homography with enough inliers);
+    #: ``similar``: anything else
+    match: str = "similar"
+    inliers: int = 0  #: verified keypoint matches (exact matches only, else 0)
+    #: exact matches: the query's outline in this image, 4 (x, y) corners in its pixels (see
+    #: :func:`lens.methods.local.matched_region`); None otherwise
+    region: tuple[tuple[float, float], ...] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``{"rank", "path" (absolute file), "score", "score_kind", "match"}``, and for an
+        exact match ``"inliers"`` and ``"region"`` (4 [x, y] corners, result-image pixels, 0.1 px)."""
+        data: dict[str, Any] = {"rank": self.rank, "path": str(self.file), "score": round(self.score, 6),
+                                "score_kind": self.kind, "match": self.match}
+        if self.match == "exact":
+            data["inliers"] = self.inliers
+            data["region"] = [[round(x, 1), round(y, 1)] for x, y in self.region or ()]
+        return data
+
+    @property
+    def score_text(self) -> str:
+        """The score for people: ``0.923`` for a similarity, ``41 inliers`` for a count."""
+        return f"{self.score:.0f} inliers" if self.kind == "inliers" else f"{self.score:.3f}"
+
+
+#: What each kind of score means, for people.
+SCORE_LABELS = {
+    "cosine": "cosine similarity, 1 = identical",
+    "hamming": "1 - Hamming distance / bits, 1 = identical",
+    "inliers": "RANSAC-verified keypoint matches (inliers), more = more alike",
+    "votes": "inverted-file votes of shared visual words (unverified), more = more alike",
+}
 
 
 @dataclass(frozen=True)
@@ -24,6 +133,7 @@ class MethodInfo:
     extra: dict[str, Any] = field(default_factory=dict)  #: preprocessing, pooling, ...
 
     def as_dict(self) -> dict[str, Any]:
+        """What a manifest records (``method``, ``metric``, ``dim``, ``model``, ``weights``, ``extra``)."""
         return {
             "method": self.name,
             "metric": self.metric,
@@ -57,11 +167,15 @@ class Method(Protocol):
 
     info: MethodInfo
 
-    def prepare(self, image: Image.Image) -> Any: ...
+    def prepare(self, image: Image.Image) -> Any:
+        """Per-image CPU work on one RGB picture (thread-safe); what ``embed_prepared`` takes."""
 
-    def embed_prepared(self, items: Sequence[Any]) -> np.ndarray: ...
+    def embed_prepared(self, items: Sequence[Any]) -> np.ndarray:
+        """Vectors of prepared items: ``(n, info.dim)`` float32, L2-normalised, for ``cosine``;
+        ``(n, info.dim / 8)`` uint8 packed bits for ``hamming``."""
 
-    def embed(self, images: Sequence[Image.Image]) -> np.ndarray: ...
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Vectors of RGB pictures, as :meth:`embed_prepared` gives them."""
 
 
 @runtime_checkable

@@ -1,0 +1,1 @@
+"""Measuring retrieval: datasets, metrics (recall@k, mAP), evaluation runs, reports, detector checks."""

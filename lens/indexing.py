@@ -1,0 +1,193 @@
+"""Indexing a gallery folder: scan it, then build each method's index incrementally.
+
+    >>> items = scan(root, exclude=(index_dir,))            # stable ids: paths relative to root
+    >>> report = build_index(root, index_dir / "vit", "vit", create_method("vit"), items)
+
+Only new or changed images (by size and mtime) are embedded; the rest keep their vectors from the
+live build. The build is written next to the live one and published atomically (:mod:`lens.store`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from filelock import FileLock
+
+from lens.embedding import default_batch_size, embed_files
+from lens.errors import LensError
+from lens.images import iter_image_files
+from lens.index import DEFAULT_INDEX, create_index, default_index
+from lens.store import Item, live_build, open_build, publish, read_manifest
+from lens.types import LearnsFromGallery, Method
+
+log = logging.getLogger("lens")
+
+
+@dataclass
+class IndexReport:
+    """What one ``Gallery.index`` run did for one method."""
+
+    method: str
+    folder: Path  #: the published build
+    count: int  #: images in the index
+    embedded: int  #: images embedded by this run
+    reused: int  #: images whose cached embedding was reused
+    seconds: float
+    embed_seconds: float
+    skipped: list[tuple[str, str]] = field(default_factory=list)  #: (path, reason) of unreadable files
+
+    @property
+    def images_per_second(self) -> float:
+        """Embedding throughput of this run (images embedded / embedding seconds); 0 when none were."""
+        return self.embedded / self.embed_seconds if self.embed_seconds > 0 else 0.0
+
+
+def scan(root: Path, exclude: tuple[Path, ...] = ()) -> list[Item]:
+    """Every image file below ``root`` (recursive; ``exclude``: folders skipped, e.g. the index folder),
+    with what identifies its version: its path relative to ``root`` (its id), size in bytes, mtime in ns.
+    """
+    items = []
+    for path in iter_image_files(root, exclude=exclude):
+        stat = path.stat()
+        items.append(Item(path.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns))
+    return items
+
+
+def build_index(
+    root: Path,
+    method_dir: Path,
+    spec: str,
+    base: Method,
+    items: list[Item],
+    *,
+    index_spec: str | None = None,
+    batch_size: int | None = None,
+    workers: int = 2,
+    progress: bool = True,
+    on_progress: Callable[[str, int, int], None] | None = None,
+) -> IndexReport:
+    """Build or refresh ``method_dir``'s index of the gallery ``root`` with the method ``base``.
+
+    ``items`` (from :func:`scan`) are the gallery's images now; only those new or changed since the
+    live build are embedded, the others keep their stored vectors (when the weights are the same).
+    A method that learns from the gallery (:class:`~lens.types.LearnsFromGallery`) is fitted first,
+    or restored from the live build. The build is published atomically (:func:`lens.store.publish`)
+    under a file lock, so concurrent builders of the same method take turns.
+
+    ``index_spec``: the index backend (:func:`lens.index.create_index`); None keeps the one an
+    earlier build was asked for, else one that suits the size. ``batch_size`` (images per model
+    call) defaults to 8 on CPU and 32 on a GPU; ``workers`` decode in parallel; ``on_progress(spec,
+    done, total)`` reports each batch. Raises :class:`LensError` when none of the images can be read.
+    """
+    started = time.perf_counter()
+    method_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(method_dir / ".lock")):
+        method, restored = _method_to_index(root, method_dir, spec, base, items)
+        info = method.info
+        keeps_items = isinstance(method, LearnsFromGallery)
+        cached, previous_vectors, previous_spec = _cached_vectors(method_dir, method)
+        if keeps_items and not restored:
+            cached = {}  # its stored per-image data is not reusable: prepare every image again
+        fresh = [item for item in items if item not in cached]
+        batch_size = batch_size or default_batch_size(method)
+        embed_started = time.perf_counter()
+        embedded = embed_files(
+            method, [root / item.path for item in fresh],
+            batch_size=batch_size, workers=workers, progress=progress, desc=spec,
+            on_progress=(lambda done, total: on_progress(spec, done, total)) if on_progress else None,
+            keep_prepared=keeps_items,
+        )
+        embed_seconds = time.perf_counter() - embed_started
+        by_path = {item.path: item for item in fresh}
+        new_rows = {
+            path.relative_to(root).as_posix(): row for row, path in enumerate(embedded.paths)
+        }
+        kept: list[Item] = []
+        rows: list[np.ndarray] = []
+        per_item: list[Any] = []  # prepare() outputs kept in the build, for LearnsFromGallery
+        for item in items:
+            if item in cached:
+                kept.append(item)
+                rows.append(previous_vectors[cached[item]])
+                if keeps_items:
+                    per_item.append(method.stored_item(cached[item]))
+            elif item.path in new_rows:
+                kept.append(by_path[item.path])
+                rows.append(embedded.vectors[new_rows[item.path]])
+                if keeps_items:
+                    per_item.append(embedded.prepared[new_rows[item.path]])
+        if not kept:
+            raise LensError(f"none of the {len(items)} images in '{root}' could be read")
+        vectors = np.stack(rows)  # cached and new rows come from the same method: one dtype
+        # an index asked for (now or by an earlier build) is kept; else one that suits the size
+        chosen = index_spec or previous_spec
+        index = create_index(chosen or default_index(len(vectors), info.metric), info.dim, info.metric)
+        index.build(vectors)
+        skipped = [(p.relative_to(root).as_posix(), why) for p, why in embedded.skipped]
+        folder = publish(
+            method_dir, info, kept, vectors, index,
+            build={
+                "batch_size": batch_size,
+                "embedded": len(embedded.paths),
+                "reused": len(kept) - len(embedded.paths),
+                "skipped": skipped,
+                "seconds": round(time.perf_counter() - started, 3),
+                "index_given": chosen is not None,
+            },
+            write_extra=(lambda folder: method.save_state(folder, per_item)) if keeps_items else None,
+        )
+    return IndexReport(
+        spec, folder, len(kept), len(embedded.paths), len(kept) - len(embedded.paths),
+        time.perf_counter() - started, embed_seconds, skipped,
+    )
+
+def _method_to_index(root: Path, method_dir: Path, spec: str, base: Method, items: list[Item]
+                     ) -> tuple[Method, bool]:
+    """The method to embed the gallery with, and whether it was restored from the live build.
+
+    A method that learns from the gallery keeps what the live build learned (so unchanged
+    images keep their vectors), or, without a usable one, is fitted on the gallery's images.
+    """
+    if not isinstance(base, LearnsFromGallery):
+        return base, False
+    build = live_build(method_dir)
+    if build is not None:
+        try:
+            return base.load_state(build), True
+        except LensError as exc:
+            log.warning("%s: cannot reuse what the last build learned (%s); learning it again", spec, exc)
+    return base.fit([root / item.path for item in items]), False
+
+def _cached_vectors(
+    method_dir: Path, method: Method
+) -> tuple[dict[Item, int], np.ndarray, str | None]:
+    """Rows of the live build reusable with the same weights: {item: row}, its vectors, its index spec."""
+    none = np.zeros((0, method.info.dim), np.float32)
+    try:
+        manifest = read_manifest(method_dir)
+        if manifest is None:
+            return {}, none, None
+        if (manifest.get("weights"), manifest.get("dim")) != (method.info.weights, method.info.dim):
+            log.warning("%s: model changed since the last build; embedding every image again",
+                        method.info.name)
+            return {}, none, _given_spec(manifest)
+        stored = open_build(method_dir, method.info, verify=True)
+    except (LensError, KeyError) as exc:
+        log.warning("%s: previous index unusable (%s); embedding every image again", method_dir, exc)
+        return {}, none, None
+    rows = {item: row for row, item in enumerate(stored.items)}
+    return rows, np.asarray(stored.vectors), _given_spec(stored.manifest)
+
+
+def _given_spec(manifest: dict[str, Any]) -> str | None:
+    """The index spec of a build when it was asked for (kept by later builds); None when it was a default."""
+    given = manifest.get("build", {}).get("index_given")
+    if given is None:  # builds before the size-based default: only plain "annoy" was a default
+        given = manifest.get("index") != DEFAULT_INDEX
+    return manifest.get("index") if given else None
