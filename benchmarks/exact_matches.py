@@ -1,6 +1,6 @@
 """Exact-item search ("local") at scale: recall, latency, build rate, memory, part-of-image, scale sweep.
 
-    flock /tmp/lens-heavy.lock .venv/bin/python benchmarks/exact_matches.py --work /tmp/exact-bench
+    flock /tmp/lens-heavy.lock .venv/bin/python benchmarks/exact_matches.py --work /tmp/exact-bench --fresh
 
 1. The vocabulary is learned once (``LocalMatcher.fit`` on the full gallery, timed) and saved; every
    gallery below reuses it (``--model local=FOLDER``), as a deployment would.
@@ -162,6 +162,10 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,30000,100000", help="scale sweep sizes ('' to skip)")
     parser.add_argument("--sweep-queries", type=int, default=100)
     parser.add_argument("--queries", type=int, default=0, help="use only the first N queries (smoke runs)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="delete the indexes first (default: reuse them; an unchanged gallery is not re-embedded)")
+    parser.add_argument("--skip-crops", action="store_true")
+    parser.add_argument("--tag", default="", help="report-<tag>.json instead of report.json")
     args = parser.parse_args()
 
     task = args.data / "lens-task"
@@ -192,21 +196,24 @@ def main() -> None:
     results = {}
     for name, root in (("catalogue", small), ("catalogue+distractors", big)):
         index_dir = work / f"index-{name}"
-        shutil.rmtree(index_dir, ignore_errors=True)
+        if args.fresh:
+            shutil.rmtree(index_dir, ignore_errors=True)
         gallery = Gallery(root, index_dir, models=models)
         started = time.perf_counter()
         built = gallery.index(["local"], progress=False)[0]
         seconds = time.perf_counter() - started
-        results[name] = {"images": built.count, "build_seconds": seconds,
-                         "images_per_second": built.count / seconds, **run_queries(gallery, queries)}
+        results[name] = {"images": built.count, "embedded": built.embedded, "build_seconds": seconds,
+                         "images_per_second": built.embedded / seconds if built.embedded else None,
+                         **run_queries(gallery, queries)}
         print(name, json.dumps(results[name]), flush=True)
     report["lens_task"] = results
 
-    crops = make_crops(task / "images" / "catalogue", work / "crops")
-    if args.queries:
-        crops = dict(list(crops.items())[: args.queries])
-    report["part_of_image"] = run_queries(gallery, crops)
-    print("crops", json.dumps(report["part_of_image"]), flush=True)
+    if not args.skip_crops:
+        crops = make_crops(task / "images" / "catalogue", work / "crops")
+        if args.queries:
+            crops = dict(list(crops.items())[: args.queries])
+        report["part_of_image"] = run_queries(gallery, crops)
+        print("crops", json.dumps(report["part_of_image"]), flush=True)
 
     method = gallery.method("local")
     assert isinstance(method, LocalMatcher)
@@ -220,7 +227,7 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",") if s]
     if sizes:
         report["scale"] = scale_sweep(method, list(queries)[: args.sweep_queries], sizes)
-    (work / "report.json").write_text(json.dumps(report, indent=2))
+    (work / f"report{'-' + args.tag if args.tag else ''}.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
 
 

@@ -140,8 +140,8 @@ def auto_methods(indexed: Sequence[str]) -> tuple[str | None, str | None]:
     similar = (preferred or others or [None])[0]
     if exact is None and similar is None:
         raise IndexNotFoundError(
-            "the combined search (method 'auto') needs an index: build `--methods local` for exact "
-            "matches and a global embedding (e.g. `--methods resnet50`) for visually similar images")
+            "no index for the combined search (method 'auto'): build them with `lens index GALLERY` "
+            "(by default `--methods resnet50,local`: visually similar images and exact matches)")
     return exact, similar
 
 

@@ -25,7 +25,8 @@ from lens.detect import DEFAULT_MARGIN, Box, box_at, create_detector, main_subje
 from lens.errors import IndexMismatchError, IndexNotFoundError, LensError
 from lens.gallery import Gallery, SearchResult
 from lens.images import load_image
-from lens.search import query_picture
+from lens.draw import draw_outline
+from lens.search import AUTO, query_picture
 
 log = logging.getLogger("lens")
 
@@ -149,8 +150,10 @@ class LensService:
             return [self._states[m] for m in self.methods]
 
     def ready_methods(self) -> list[str]:
-        """The methods that can be searched now."""
-        return [s.name for s in self.states() if s.status == "ready"]
+        """The methods that can be searched now: ``auto`` (the combined search: exact matches, then
+        visually similar) first whenever any served method is ready, then each ready method."""
+        ready = [s.name for s in self.states() if s.status == "ready"]
+        return [AUTO, *ready] if ready else []
 
     # -- detection -------------------------------------------------------------------------------
     def detect(self, image: Image.Image, detector: str | None = None, threshold: float = 0.25) -> list[Box]:
@@ -193,18 +196,32 @@ class LensService:
     def search(self, image: Image.Image, method: str, k: int = 10, box: Box | None = None) -> Outcome:
         """The ``k`` most similar gallery images to ``image`` (or to its ``box``), timed.
 
-        The subject is cropped once (:meth:`subject_image`) and searched as it is.
-        Raises :class:`LensError` when ``method`` is not served or not ready.
+        The subject is cropped once (:meth:`subject_image`) and searched as it is; except by the
+        combined search ``auto`` and ``local``, which match the whole photo, the box focusing them
+        (and cropping only for the visually similar part). Raises :class:`LensError` when ``method``
+        is not served or not ready.
         """
+        if method == AUTO or method == "local":
+            self._check_ready(method)
+            started = time.perf_counter()
+            results = self.gallery.search(image, method, k=k, box=box, margin=DEFAULT_MARGIN)
+            return Outcome(method, results, time.perf_counter() - started)
         return self.search_subject(self.subject_image(image, box), method, k)
 
-    def search_subject(self, subject: Image.Image, method: str, k: int = 10) -> Outcome:
-        """The ``k`` gallery images most similar to ``subject`` (an already cropped picture), timed."""
+    def _check_ready(self, method: str) -> None:
+        if method == AUTO:
+            if not self.ready_methods():
+                raise LensError("the combined search needs a ready method; none is ready yet")
+            return
         state = next((s for s in self.states() if s.name == method), None)
         if state is None:
             raise LensError(f"method '{method}' is not served here; choose one of {', '.join(self.methods)}")
         if state.status != "ready":
             raise LensError(f"method '{method}' is not available yet: {state.status} ({state.detail})")
+
+    def search_subject(self, subject: Image.Image, method: str, k: int = 10) -> Outcome:
+        """The ``k`` gallery images most similar to ``subject`` (an already cropped picture), timed."""
+        self._check_ready(method)
         started = time.perf_counter()
         results = self.gallery.search(subject, method, k=k)
         return Outcome(method, results, time.perf_counter() - started)
@@ -215,6 +232,8 @@ class LensService:
         subject = self.subject_image(image, box)
         outcomes = []
         for method in self.ready_methods():
+            if method == AUTO:
+                continue
             try:
                 outcomes.append(self.search_subject(subject, method, k))
             except LensError as exc:
@@ -223,17 +242,22 @@ class LensService:
 
     # -- pictures for the UI ---------------------------------------------------------------------
     def thumbnail(self, result: SearchResult) -> Path:
-        """A small JPEG of a result (made once), only for files inside the gallery root."""
+        """A small JPEG of a result (made once), only for files inside the gallery root; an exact
+        match's region (the query's outline in it) is drawn on it."""
         root = self.gallery.root.resolve()
         source = (self.gallery.root / result.path).resolve()  # follows symlinks
         if not source.is_relative_to(root):
             raise LensError(f"refusing to show '{result.path}': it is outside the gallery folder")
         stat = source.stat()
-        key = hashlib.sha1(f"{source}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:20]
+        key = hashlib.sha1(f"{source}:{stat.st_size}:{stat.st_mtime_ns}:{result.region}".encode()).hexdigest()[:20]
         target = self.thumbnail_dir / f"{key}.jpg"
         if not target.exists():
             image = load_image(source)
+            width = image.width
             image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+            if result.region:
+                scale = image.width / width
+                image = draw_outline(image, [(x * scale, y * scale) for x, y in result.region])
             self.thumbnail_dir.mkdir(parents=True, exist_ok=True)
             partial = target.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
             image.save(partial, "JPEG", quality=85)
