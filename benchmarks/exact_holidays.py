@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from lens import Gallery
-from lens.datasets import load_dataset
+from lens.evaluation.datasets import load_dataset
 from lens.images import load_image
-from lens.metrics import average_precision
+from lens.evaluation.metrics import average_precision
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared"
 
