@@ -14,6 +14,8 @@ above a global embedding's **visually similar** images, as Google Lens answers a
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from lens.errors import IndexNotFoundError, LensError
-from lens.images import ImageSource, crop, load_image
+from lens.images import ImageSource, crop, display_path, load_image
 from lens.index import rerank_exact
 from lens.store import StoredIndex
 from lens.types import Box, MatchesLocally, Method, Rerank, Reranks, SearchResult
@@ -31,6 +33,8 @@ AUTO = "auto"  #: the combined search's method name
 EXACT_METHOD = "local"  #: the method whose verified results are exact matches
 #: methods never used for "visually similar" when another is indexed (keypoints and hashes)
 _NOT_SIMILAR = ("local", "sift", "phash", "dhash", "ahash", "whash")
+
+log = logging.getLogger("lens")
 
 
 def query_picture(image: ImageSource, box: Box | Sequence[float] | None = None, margin: float = 0.0
@@ -61,6 +65,7 @@ def search_pictures(
     every gallery image (brute force, the exact reference); ``0`` keeps the index's order; ``None``:
     the method's default (SIFT: 50), else the index spec's ``rerank`` option (e.g.
     ``faiss:PQ32:rerank=100``), else 0. Raises :class:`LensError` for a bad ``rerank``.
+    Results whose file was deleted since the index was built are left out (:func:`on_disk`).
     """
     prepared = [searcher.prepare(picture) for picture in pictures]
     vectors = searcher.embed_prepared(prepared)
@@ -75,19 +80,19 @@ def search_pictures(
         # full ranking for evaluation) keep the index's order and scores, and say so in their kind
         reranked = [searcher.rerank(item, row[:count], min(k, count)) for item, row in zip(prepared, ids)]
         tails = [(row_ids[count:k], row_scores[count:k]) for row_ids, row_scores in zip(ids, scores)]
-        return [
+        return on_disk([
             [SearchResult(rank + 1, stored.items[i].path, float(score), root / stored.items[i].path,
                           searcher.score_kind if rank < len(top_ids) else stored.index.metric)
              for rank, (i, score) in enumerate(zip([*top_ids, *tail_ids], [*top_scores, *tail_scores]))
              if i >= 0]
             for (top_ids, top_scores), (tail_ids, tail_scores) in zip(reranked, tails)
-        ]
+        ], root)
     elif count:
         index = stored.index
         ranked = list(zip(*rerank_exact(vectors, ids, stored.vectors, index.metric, index.dim, k)))
     else:
         ranked = [(row_ids[:k], row_scores[:k]) for row_ids, row_scores in zip(ids, scores)]
-    return [
+    return on_disk([
         [
             SearchResult(rank + 1, stored.items[i].path, float(score), root / stored.items[i].path,
                          kind)
@@ -95,7 +100,20 @@ def search_pictures(
             if i >= 0
         ]
         for row_ids, row_scores in ranked
-    ]
+    ], root)
+
+
+def on_disk(groups: list[list[SearchResult]], root: Path) -> list[list[SearchResult]]:
+    """``groups`` without the results whose file was deleted since the index was built (ranks
+    renumbered), with a warning suggesting ``lens index``: a stale hit is never shown as an answer."""
+    gone = {r.path for group in groups for r in group if not os.path.isfile(r.file)}
+    if not gone:
+        return groups
+    log.warning("%d result file(s) were deleted since the index was built (e.g. %s) and are left out; "
+                "refresh the index with `lens index %s`", len(gone), display_path(sorted(gone)[0]),
+                display_path(root))
+    return [[replace(r, rank=rank) for rank, r in enumerate((r for r in group if r.path not in gone), 1)]
+            for group in groups]
 
 
 def rerank_count(rerank: Rerank, stored: StoredIndex, method: Method) -> int:
@@ -127,7 +145,7 @@ def match_picture(stored: StoredIndex, searcher: MatchesLocally, picture: Image.
         results.append(SearchResult(rank + 1, item.path, float(m.inliers if exact else m.votes), root / item.path,
                                     "inliers" if exact else "votes", "exact" if exact else "similar",
                                     m.inliers, region))
-    return results
+    return on_disk([results], root)[0]
 
 
 def auto_methods(indexed: Sequence[str]) -> tuple[str | None, str | None]:

@@ -15,17 +15,17 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from PIL import Image
 
 from lens.detect import DEFAULT_MARGIN, Box, box_at, create_detector, main_subject
 from lens.errors import IndexMismatchError, IndexNotFoundError, LensError
 from lens.gallery import Gallery, SearchResult
-from lens.images import load_image
 from lens.draw import draw_outline
+from lens.images import display_path, load_image
 from lens.search import AUTO, query_picture
 
 log = logging.getLogger("lens")
@@ -119,17 +119,33 @@ class LensService:
             else:
                 self._set(method, "missing",
                           f"no index: build it with `lens index {self.gallery.root} --methods {method}`")
-        for method in missing if build_missing else []:
-            self._set(method, "building", "loading the model")
-            try:
-                self.gallery.index(
-                    [method], progress=False,
-                    on_progress=lambda m, done, total: self._set(m, "building", f"indexing {done}/{total}"),
-                )
-                self._set(method, "ready", f"{len(self.gallery.open(method).items)} images")
-            except Exception as exc:
-                log.warning("cannot build the %s index: %s", method, exc)
-                self._set(method, "failed", str(exc))
+        if build_missing and missing:
+            self._build(missing)
+
+    def _build(self, missing: list[str]) -> None:
+        """Build the missing indexes one at a time, in the order their models finish loading.
+
+        Every model loads at once on its own thread (a hub download waits on the network, not the
+        CPU), so a method that needs no download (phash, sift) is built and serves at once instead
+        of queueing behind one whose download is slow or, offline, fails only after the hub's retries.
+        """
+        for method in missing:
+            self._set(method, "queued", "loading the model")
+        with ThreadPoolExecutor(max_workers=len(missing), thread_name_prefix="lens-load") as pool:
+            loads = {pool.submit(self.gallery.method, method): method for method in missing}
+            for done in as_completed(loads):
+                method = loads[done]
+                try:
+                    done.result()
+                    self._set(method, "building", "indexing")
+                    self.gallery.index(
+                        [method], progress=False,
+                        on_progress=lambda m, n, total: self._set(m, "building", f"indexing {n}/{total}"),
+                    )
+                    self._set(method, "ready", f"{len(self.gallery.open(method).items)} images")
+                except Exception as exc:
+                    log.warning("cannot build the %s index: %s", method, exc)
+                    self._set(method, "failed", str(exc))
 
     def _open_existing(self, method: str) -> bool:
         """Open ``method``'s index if it has a usable one; False when it needs building."""
@@ -150,9 +166,13 @@ class LensService:
             return [self._states[m] for m in self.methods]
 
     def ready_methods(self) -> list[str]:
-        """The methods that can be searched now: ``auto`` (the combined search: exact matches, then
-        visually similar) first whenever any served method is ready, then each ready method."""
-        ready = [s.name for s in self.states() if s.status == "ready"]
+        """The methods that can be searched now."""
+        return [s.name for s in self.states() if s.status == "ready"]
+
+    def search_choices(self) -> list[str]:
+        """What a search can use now: ``auto`` (the combined search: exact matches, then visually
+        similar) first whenever a served method is ready, then each ready method."""
+        ready = self.ready_methods()
         return [AUTO, *ready] if ready else []
 
     # -- detection -------------------------------------------------------------------------------
@@ -232,8 +252,6 @@ class LensService:
         subject = self.subject_image(image, box)
         outcomes = []
         for method in self.ready_methods():
-            if method == AUTO:
-                continue
             try:
                 outcomes.append(self.search_subject(subject, method, k))
             except LensError as exc:
@@ -242,17 +260,28 @@ class LensService:
 
     # -- pictures for the UI ---------------------------------------------------------------------
     def thumbnail(self, result: SearchResult) -> Path:
-        """A small JPEG of a result (made once), only for files inside the gallery root; an exact
-        match's region (the query's outline in it) is drawn on it."""
-        root = self.gallery.root.resolve()
-        source = (self.gallery.root / result.path).resolve()  # follows symlinks
-        if not source.is_relative_to(root):
-            raise LensError(f"refusing to show '{result.path}': it is outside the gallery folder")
-        stat = source.stat()
-        key = hashlib.sha1(f"{source}:{stat.st_size}:{stat.st_mtime_ns}:{result.region}".encode()).hexdigest()[:20]
+        """A small JPEG of a result (made once, remade when the file changes), only for indexed paths;
+        an exact match's region (the query's outline in it) is drawn on it.
+
+        ``result.path`` must be relative and stay inside the gallery folder by its own components (no
+        ``..``): the folders the scanner follows (linked folders included) are shown, nothing else.
+        File names are OS paths throughout (names that are not valid UTF-8 included).
+        """
+        relative = PurePosixPath(result.path)
+        if relative.is_absolute() or ".." in relative.parts:
+            raise LensError(f"refusing to show '{display_path(result.path)}': it is outside the gallery folder")
+        source = self.gallery.root / relative
+        try:
+            stat = source.stat()  # follows symlinks, as the scanner does
+        except OSError:
+            raise LensError(f"'{display_path(result.path)}' is no longer in the gallery (deleted since it was "
+                            f"indexed); refresh the index with `lens index {display_path(self.gallery.root)}`") from None
+        identity = b"%s:%d:%d:%d:%d:%s" % (os.fsencode(source.resolve()), stat.st_size, stat.st_mtime_ns,
+                                            stat.st_ctime_ns, stat.st_ino, str(result.region).encode())
+        key = hashlib.sha1(identity).hexdigest()[:20]
         target = self.thumbnail_dir / f"{key}.jpg"
         if not target.exists():
-            image = load_image(source)
+            image = load_image(source, name=display_path(result.path))
             width = image.width
             image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
             if result.region:

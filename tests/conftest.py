@@ -115,3 +115,15 @@ def gallery_dir(tmp_path) -> Path:
     folder = tmp_path / "photos"
     write_gallery(folder, 12)
     return folder
+
+
+def index_dir_seen_from(cwd: Path, gallery: Path) -> Path:
+    """Where `lens index GALLERY` run in ``cwd`` puts the gallery's indexes (the default index folder)."""
+    from lens.gallery import default_index_dir
+
+    previous = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return cwd / default_index_dir(gallery)
+    finally:
+        os.chdir(previous)
