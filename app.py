@@ -29,11 +29,12 @@ from lens.images import MAX_BYTES, ImageError, check_box, display_path  # noqa: 
 from lens.methods import parse_models  # noqa: E402
 from lens.samples import write_sample_gallery  # noqa: E402
 from lens.service import LensService, Outcome  # noqa: E402
-from lens.types import SCORE_LABELS  # noqa: E402
+from lens.search import AUTO  # noqa: E402
+from lens.types import SCORE_LABELS, SearchResult  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 EXAMPLES = sorted(str(p) for p in (HERE / "examples").glob("*.jpg"))
-DEFAULT_METHODS = "vit,resnet50,sift,phash"
+DEFAULT_METHODS = "vit,resnet50,local,sift,phash"
 WHOLE = "Whole image"
 CSS = """
 #lens-view img { cursor: crosshair; }
@@ -128,11 +129,12 @@ class Handlers:
     def __init__(self, service: LensService):
         self.service = service
 
-    def caption(self, outcome: Outcome) -> list[tuple[str, str]]:
+    def caption(self, results: Sequence[SearchResult]) -> list[tuple[str, str]]:
         items = []
-        for r in outcome.results:
+        for r in results:
+            mark = "exact · " if r.match == "exact" else ""
             try:
-                items.append((str(self.service.thumbnail(r)), f"#{r.rank} · {r.score_text} · {_name(r.path)}"))
+                items.append((str(self.service.thumbnail(r)), f"#{r.rank} · {mark}{r.score_text} · {_name(r.path)}"))
             except (LensError, OSError) as exc:
                 gr.Warning(f"cannot show {display_path(r.path)}: {exc}")
         return items
@@ -166,19 +168,25 @@ class Handlers:
     @readable
     def on_search(self, image: Image.Image | None, boxes: list[Box], subject: str, method: str | None, k: int):
         if image is None:
-            return None, None, [], "Upload a photo or pick an example to start."
+            return None, None, [], [], "Upload a photo or pick an example to start."
         selected = _selected(boxes, subject)
         box = boxes[selected] if selected is not None else None
         view = draw_boxes(image, boxes, selected)
         crop = self.service.subject_image(image, box)  # the one crop: shown, and searched
         if not method:
-            return view, crop, [], "No method is ready yet: see the status below."
-        outcome = self.service.search_subject(crop, method, int(k))
+            return view, crop, [], [], "No method is ready yet: see the status below."
+        if method in (AUTO, "local"):  # the whole photo, the box focusing: exact matches need every keypoint
+            outcome = self.service.search(image, method, int(k), box)
+        else:
+            outcome = self.service.search_subject(crop, method, int(k))
+        exact = [r for r in outcome.results if r.match == "exact"]
+        similar = [r for r in outcome.results if r.match != "exact"]
         what = box.label if box is not None else "the whole image"
-        kind = outcome.results[0].kind if outcome.results else "cosine"
-        note = (f"**{method}**: {len(outcome.results)} results for *{what}* in {outcome.seconds * 1000:.0f} ms "
-                f"(score: {SCORE_LABELS.get(kind, kind)})")
-        return view, crop, self.caption(outcome), note
+        kinds = list(dict.fromkeys(r.kind for r in outcome.results)) or ["cosine"]
+        found = f"{len(exact)} exact, {len(similar)} similar" if exact else f"{len(outcome.results)} results"
+        note = (f"**{method}**: {found} for *{what}* in {outcome.seconds * 1000:.0f} ms "
+                f"(score: {'; '.join(SCORE_LABELS.get(kind, kind) for kind in kinds)})")
+        return view, crop, self.caption(exact), self.caption(similar), note
 
     @readable
     def on_compare(self, image: Image.Image | None, boxes: list[Box], subject: str, k: int):
@@ -188,18 +196,18 @@ class Handlers:
         outcomes = {o.method: o for o in self.service.compare(image, int(k), boxes[selected] if selected is not None else None)}
         rows = [[o.method, round(o.seconds * 1000, 1), _name(o.results[0].path) if o.results else "",
                  o.results[0].score_text if o.results else "", o.error or ""] for o in outcomes.values()]
-        galleries = [gr.update(value=self.caption(outcomes[m]) if m in outcomes else [],
+        galleries = [gr.update(value=self.caption(outcomes[m].results) if m in outcomes else [],
                                label=f"{m}: {outcomes[m].seconds * 1000:.0f} ms" if m in outcomes else f"{m}: not ready")
                      for m in self.service.methods]
         return [rows, *galleries]
 
     def on_status(self):
-        ready = self.service.ready_methods()
+        ready = self.service.search_choices()
         building = any(s.status in ("queued", "building") for s in self.service.states())
         return status_markdown(self.service), gr.update(choices=ready), gr.Timer(active=building)
 
     def on_load(self, current: str | None):
-        ready = self.service.ready_methods()
+        ready = self.service.search_choices()
         value = current if current in ready else (ready[0] if ready else None)
         return gr.update(choices=ready, value=value), status_markdown(self.service)
 
@@ -255,12 +263,14 @@ def build_app(service: LensService) -> gr.Blocks:
             with gr.Column(scale=7):
                 with gr.Tab("Search"):
                     with gr.Row():
-                        method = gr.Dropdown(service.ready_methods(), label="Method", elem_id="lens-method",
+                        method = gr.Dropdown(service.search_choices(), label="Method", elem_id="lens-method",
                                              info="Only methods with a ready index are listed.")
                         k = gr.Slider(1, 30, value=8, step=1, label="Results (k)")
                     crop = gr.Image(label="Searching for", interactive=False, height=160)
                     info = gr.Markdown("Upload a photo or pick an example to start.", elem_id="lens-info")
-                    results = gr.Gallery(label="Most similar", columns=4, height="auto", elem_id="lens-results")
+                    exact = gr.Gallery(label="Exact matches (the matched outline drawn)", columns=4, height="auto",
+                                       elem_id="lens-exact")
+                    results = gr.Gallery(label="Visually similar", columns=4, height="auto", elem_id="lens-results")
                 with gr.Tab("Compare methods"):
                     compare_button = gr.Button("Compare every ready method", variant="primary")
                     table = gr.Dataframe(headers=["method", "latency (ms)", "top result", "top score", "error"],
@@ -272,7 +282,7 @@ def build_app(service: LensService) -> gr.Blocks:
         timer = gr.Timer(2.0)
 
         search_inputs = [original, boxes, subject, method, k]
-        search_outputs = [view, crop, results, info]
+        search_outputs = [view, crop, exact, results, info]
         quiet: dict[str, Any] = {"api_visibility": "private"}
         upload.change(on.on_photo, [upload, detector, threshold], [original, boxes, subject, view],
                       concurrency_limit=2, **quiet
@@ -306,7 +316,10 @@ def _outcome_json(outcome: Outcome) -> dict:
         "error": outcome.error,
         # "image" (not "path": gradio_client would take the dict for a file to download); a name that
         # is not valid UTF-8 has its odd bytes as \xNN (JSON text must be valid UTF-8)
-        "results": [{"rank": r.rank, "image": display_path(r.path), "score": round(r.score, 6), "score_kind": r.kind}
+        "results": [{"rank": r.rank, "image": display_path(r.path), "score": round(r.score, 6), "score_kind": r.kind,
+                     "match": r.match,
+                     **({"inliers": r.inliers, "region": [[round(x, 1), round(y, 1)] for x, y in r.region or ()]}
+                        if r.match == "exact" else {})}
                     for r in outcome.results],
     }
 

@@ -15,7 +15,10 @@ from collections.abc import Callable, Sequence
 from lens.errors import LensError
 from lens.methods import parse_models
 
-DEFAULT_METHODS = "resnet50"
+#: indexed by default: a global embedding ("visually similar") and local features ("exact matches")
+DEFAULT_INDEX_METHODS = "resnet50,local"
+#: searched by default: the combined search, exact matches first (see lens.search)
+DEFAULT_SEARCH = "auto"
 Handler = Callable[[argparse.Namespace], int]
 
 
@@ -52,8 +55,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 def _index_parser(sub: argparse._SubParsersAction) -> Handler:
     parser = sub.add_parser("index", help="embed every image of a folder and build per-method indexes")
     parser.add_argument("gallery", metavar="FOLDER", help="folder of images (searched recursively)")
-    parser.add_argument("--methods", default=DEFAULT_METHODS,
-                        help=f"comma-separated method specs (default: {DEFAULT_METHODS}); see `lens methods`")
+    parser.add_argument("--methods", default=DEFAULT_INDEX_METHODS,
+                        help=f"comma-separated method specs (default: {DEFAULT_INDEX_METHODS}: visually similar "
+                             "images and exact matches); see `lens methods`")
     parser.add_argument("--index", dest="index_spec", metavar="SPEC",
                         help="index backend spec (default: what an earlier build was given, else annoy up to "
                              "1,000 images and faiss:HNSW32:efSearch=64 above): "
@@ -92,7 +96,9 @@ def _search_parser(sub: argparse._SubParsersAction) -> Handler:
     parser = sub.add_parser("search", help="find the gallery images most similar to a photo")
     parser.add_argument("query", metavar="QUERY_IMAGE")
     parser.add_argument("--gallery", required=True, metavar="FOLDER")
-    parser.add_argument("--method", default=DEFAULT_METHODS, help="method spec (default: %(default)s)")
+    parser.add_argument("--method", default=DEFAULT_SEARCH,
+                        help="method spec, or 'auto' (default): exact matches (the 'local' index, "
+                             "RANSAC-verified) first, then visually similar images (another indexed method)")
     parser.add_argument("-k", type=int, default=10, help="how many results (default: %(default)s)")
     parser.add_argument("--box", metavar="x1,y1,x2,y2", help="search only this region of the query (pixels)")
     parser.add_argument("--rerank", metavar="N|all", type=_parse_rerank,
@@ -101,7 +107,8 @@ def _search_parser(sub: argparse._SubParsersAction) -> Handler:
                              "compares every gallery image (brute force); 0: off (default: the "
                              "method's or the index's setting)")
     parser.add_argument("--json", action="store_true",
-                        help="print a JSON list of {rank, path, score}; with --detect, a list of "
+                        help="print a JSON list of {rank, path, score, score_kind, match} (+ inliers and "
+                             "region, the query's outline in the result, for exact matches); with --detect, a list of "
                              "{box, results}, one per searched box (box: null for the whole image)")
     parser.add_argument("--detect", nargs="?", const="main", choices=["main", "all"],
                         help="find objects first: search the main subject (--detect or --detect main), "
@@ -133,13 +140,16 @@ def _run_search(args: argparse.Namespace) -> int:
 
 
 def _print_results(results) -> None:
-    from lens.gallery import SCORE_LABELS
+    from lens.types import SCORE_LABELS
 
-    kind = results[0].kind if results else "cosine"
-    print(f"{'rank':>4}  {'score':>6}  path   (score: {SCORE_LABELS.get(kind, kind)})")
+    kinds = list(dict.fromkeys(r.kind for r in results)) or ["cosine"]
+    legend = "; ".join(f"{SCORE_LABELS.get(kind, kind)}" for kind in kinds)
+    marked = any(r.match == "exact" for r in results)
+    print(f"{'rank':>4}  {'score':>6}  {'match  ' if marked else ''}path   (score: {legend})")
     for r in results:
-        print(f"{r.rank:>4}  {r.score:6.4f}  {r.file}" if kind != "inliers" else
-              f"{r.rank:>4}  {r.score:6.0f}  {r.file}")
+        score = f"{r.score:6.0f}" if r.kind in ("inliers", "votes") else f"{r.score:6.4f}"
+        match = f"{r.match:<7}" if marked else ""
+        print(f"{r.rank:>4}  {score}  {match}{r.file}")
 
 
 def _search_detected(args: argparse.Namespace, gallery, query) -> int:

@@ -44,3 +44,13 @@ def draw_boxes(image: Image.Image, boxes: Sequence[Any], selected: int | None = 
         overlay.rectangle((x, y, x + tag_w, y + tag_h), fill=colour)
         overlay.text((x + 3 - left, y + 3 - top), tag, fill="white", font=font)
     return canvas
+
+
+def draw_outline(image: Image.Image, points: Sequence[Sequence[float]], colour: str = "#52c41a") -> Image.Image:
+    """A copy of ``image`` with the closed polygon ``points`` ((x, y) pixels of ``image``, e.g. an exact
+    match's region) outlined; parts outside the image are clipped by drawing."""
+    canvas = image.convert("RGB").copy()
+    line = max(2, round(min(canvas.size) / 60))
+    ImageDraw.Draw(canvas).line([(float(x), float(y)) for x, y in [*points, points[0]]], fill=colour,
+                                width=line, joint="curve")
+    return canvas

@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from lens.errors import CorruptIndexError, IndexNotFoundError, LensError
-from lens.images import IMAGE_EXTENSIONS, ImageSource
+from lens.images import IMAGE_EXTENSIONS, ImageSource, load_image
 from lens.indexing import IndexReport, build_index, scan, scan_files
 from lens.methods import Method, check_spec, create_method, is_trained, method_slug
-from lens.search import query_picture, search_pictures
+from lens.search import AUTO, auto_methods, combine, match_picture, query_picture, search_pictures
 from lens.store import Item, StoredIndex, live_build, open_build, read_manifest, reading
-from lens.types import SCORE_LABELS, LearnsFromGallery, Region, Rerank, SearchResult
+from lens.types import SCORE_LABELS, Box, LearnsFromGallery, MatchesLocally, Region, Rerank, SearchResult
 
 __all__ = ["SCORE_LABELS", "Gallery", "IndexReport", "SearchResult"]
 
@@ -237,6 +237,10 @@ class Gallery:
     ) -> list[SearchResult]:
         """The ``k`` gallery images most similar to ``image`` (or to its ``box`` region), best first.
 
+        ``method``: an indexed method's spec, or ``auto``: the combined search (exact matches of
+        ``local`` first, then a global embedding's visually similar images; see :mod:`lens.search`).
+        A method with its own index (``local``) matches the whole photo; the box only focuses it.
+
         ``image``: a path, bytes, PIL image or HxWxC uint8 array, decoded once. ``box``: a
         :class:`~lens.types.Box` (e.g. a detector's) or ``(x1, y1, x2, y2)`` in pixels, cropped once
         with ``margin`` x its width / height of context on each side (:func:`lens.images.crop`; 0: the
@@ -263,6 +267,22 @@ class Gallery:
         order) or ``None`` (the method's or index spec's default).
         """
         boxes = list(boxes) if boxes is not None else [None] * len(images)
+        if method == AUTO:
+            return [self._search_auto(image, box, k, rerank, margin) for image, box in zip(images, boxes)]
         stored, searcher, _ = self._open(method)
+        if isinstance(searcher, MatchesLocally):  # the whole photo: the box only focuses
+            return [match_picture(stored, searcher, load_image(image), Box.of(box) if box is not None else None,
+                                  self.root, k) for image, box in zip(images, boxes)]
         pictures = [query_picture(image, box, margin) for image, box in zip(images, boxes)]
         return search_pictures(stored, searcher, pictures, self.root, k, rerank, files=self.files)
+
+    def _search_auto(self, image: ImageSource, box: Region, k: int, rerank: Rerank, margin: float
+                     ) -> list[SearchResult]:
+        """The combined search (:func:`lens.search.combine`): exact matches, then visually similar."""
+        exact_method, similar_method = auto_methods(self.indexed_methods())
+        picture = load_image(image)  # decoded once for both
+        exact = self.search_many([picture], exact_method, k, [box])[0] if exact_method else []
+        verified = sum(r.match == "exact" for r in exact)
+        similar = (self.search_many([picture], similar_method, k + verified, [box], rerank, margin=margin)[0]
+                   if similar_method else [])
+        return combine(exact, similar, k)

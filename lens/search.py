@@ -1,5 +1,10 @@
 """The single query path: decode once, crop once, embed, search the index, re-rank, results.
 
+A method with its own index (:class:`~lens.types.MatchesLocally`, e.g. ``local``) is searched with
+the whole photo (:func:`match_picture`; the box only focuses). The combined search (method
+``auto``, :func:`auto_methods` + :func:`combine`) puts such a method's verified **exact** matches
+above a global embedding's **visually similar** images, as Google Lens answers a photo.
+
     >>> picture = query_picture("query.jpg", box, margin=0.05)    # decoded once, cropped once
     >>> results = search_pictures(stored, method, [picture], root, k=10)[0]
 
@@ -18,11 +23,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lens.errors import LensError
+from lens.errors import IndexNotFoundError, LensError
 from lens.images import ImageSource, crop, display_path, load_image
 from lens.index import rerank_exact
 from lens.store import StoredIndex
-from lens.types import Box, Method, Rerank, Reranks, SearchResult
+from lens.types import Box, MatchesLocally, Method, Rerank, Reranks, SearchResult
+
+AUTO = "auto"  #: the combined search's method name
+EXACT_METHOD = "local"  #: the method whose verified results are exact matches
+#: methods never used for "visually similar" when another is indexed (keypoints and hashes)
+_NOT_SIMILAR = ("local", "sift", "phash", "dhash", "ahash", "whash")
 
 log = logging.getLogger("lens")
 
@@ -123,3 +133,52 @@ def rerank_count(rerank: Rerank, stored: StoredIndex, method: Method) -> int:
     if isinstance(rerank, bool) or not isinstance(rerank, (int, np.integer)) or rerank < 0:
         raise LensError(f"rerank must be a number of candidates (0 or more) or 'all', got {rerank!r}")
     return int(rerank)
+
+
+def match_picture(stored: StoredIndex, searcher: MatchesLocally, picture: Image.Image, box: Box | None,
+                  root: Path, k: int = 10, *, files: Mapping[str, Path] | None = None
+                  ) -> list[SearchResult]:
+    """The ``k`` best gallery images for the whole ``picture`` by a method with its own index.
+
+    ``box`` (or None) only focuses the search (e.g. ``local`` weights keypoints outside it less);
+    nothing is cropped, so a detector's tight box cannot cut the item's keypoints off. Verified
+    results are ``match="exact"`` (score and ``inliers`` = RANSAC inliers, ``region`` = the query's
+    outline in the result image); the others ``similar`` with their ``votes``. ``root`` and
+    ``files``: where results' files are, as for :func:`search_pictures`.
+    """
+    files = files or {}
+    found = searcher.match(searcher.prepare(picture), k, box.xyxy if box is not None else None)  # type: ignore[attr-defined]
+    results = []
+    for rank, m in enumerate(found):
+        item = stored.items[m.row]
+        exact = m.inliers > 0
+        region = tuple((float(x), float(y)) for x, y in m.region) if m.region is not None else None
+        results.append(SearchResult(rank + 1, item.path, float(m.inliers if exact else m.votes),
+                                    files.get(item.path) or root / item.path,
+                                    "inliers" if exact else "votes", "exact" if exact else "similar",
+                                    m.inliers, region))
+    return on_disk([results], root)[0]
+
+
+def auto_methods(indexed: Sequence[str]) -> tuple[str | None, str | None]:
+    """(exact method, similar method) of the combined search among the ``indexed`` method names:
+    ``local`` when indexed, and the first other method that is not a keypoint or hash method (else
+    any other); None where there is none. Raises :class:`IndexNotFoundError` when neither exists."""
+    exact = EXACT_METHOD if EXACT_METHOD in indexed else None
+    others = [m for m in indexed if m != EXACT_METHOD]
+    preferred = [m for m in others if m not in _NOT_SIMILAR]
+    similar = (preferred or others or [None])[0]
+    if exact is None and similar is None:
+        raise IndexNotFoundError(
+            "no index for the combined search (method 'auto'): build them with `lens index GALLERY` "
+            "(by default `--methods resnet50,local`: visually similar images and exact matches)")
+    return exact, similar
+
+
+def combine(exact: Sequence[SearchResult], similar: Sequence[SearchResult], k: int) -> list[SearchResult]:
+    """The combined answer: the verified results of ``exact`` (in their order), then the ``similar``
+    ones not among them (marked ``similar``); ranks renumbered from 1, at most ``k``."""
+    verified = [r for r in exact if r.match == "exact"]
+    shown = {r.path for r in verified}
+    rest = [replace(r, match="similar", inliers=0, region=None) for r in similar if r.path not in shown]
+    return [replace(r, rank=i + 1) for i, r in enumerate([*verified, *rest][:k])]

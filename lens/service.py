@@ -24,8 +24,9 @@ from PIL import Image
 from lens.detect import DEFAULT_MARGIN, Box, box_at, create_detector, main_subject
 from lens.errors import IndexMismatchError, IndexNotFoundError, LensError
 from lens.gallery import Gallery, SearchResult
+from lens.draw import draw_outline
 from lens.images import display_path, load_image
-from lens.search import query_picture
+from lens.search import AUTO, query_picture
 
 log = logging.getLogger("lens")
 
@@ -168,6 +169,12 @@ class LensService:
         """The methods that can be searched now."""
         return [s.name for s in self.states() if s.status == "ready"]
 
+    def search_choices(self) -> list[str]:
+        """What a search can use now: ``auto`` (the combined search: exact matches, then visually
+        similar) first whenever a served method is ready, then each ready method."""
+        ready = self.ready_methods()
+        return [AUTO, *ready] if ready else []
+
     # -- detection -------------------------------------------------------------------------------
     def detect(self, image: Image.Image, detector: str | None = None, threshold: float = 0.25) -> list[Box]:
         """Objects in ``image`` scoring at least ``threshold``, best first (detector runs once per photo)."""
@@ -209,18 +216,32 @@ class LensService:
     def search(self, image: Image.Image, method: str, k: int = 10, box: Box | None = None) -> Outcome:
         """The ``k`` most similar gallery images to ``image`` (or to its ``box``), timed.
 
-        The subject is cropped once (:meth:`subject_image`) and searched as it is.
-        Raises :class:`LensError` when ``method`` is not served or not ready.
+        The subject is cropped once (:meth:`subject_image`) and searched as it is; except by the
+        combined search ``auto`` and ``local``, which match the whole photo, the box focusing them
+        (and cropping only for the visually similar part). Raises :class:`LensError` when ``method``
+        is not served or not ready.
         """
+        if method == AUTO or method == "local":
+            self._check_ready(method)
+            started = time.perf_counter()
+            results = self.gallery.search(image, method, k=k, box=box, margin=DEFAULT_MARGIN)
+            return Outcome(method, results, time.perf_counter() - started)
         return self.search_subject(self.subject_image(image, box), method, k)
 
-    def search_subject(self, subject: Image.Image, method: str, k: int = 10) -> Outcome:
-        """The ``k`` gallery images most similar to ``subject`` (an already cropped picture), timed."""
+    def _check_ready(self, method: str) -> None:
+        if method == AUTO:
+            if not self.ready_methods():
+                raise LensError("the combined search needs a ready method; none is ready yet")
+            return
         state = next((s for s in self.states() if s.name == method), None)
         if state is None:
             raise LensError(f"method '{method}' is not served here; choose one of {', '.join(self.methods)}")
         if state.status != "ready":
             raise LensError(f"method '{method}' is not available yet: {state.status} ({state.detail})")
+
+    def search_subject(self, subject: Image.Image, method: str, k: int = 10) -> Outcome:
+        """The ``k`` gallery images most similar to ``subject`` (an already cropped picture), timed."""
+        self._check_ready(method)
         started = time.perf_counter()
         results = self.gallery.search(subject, method, k=k)
         return Outcome(method, results, time.perf_counter() - started)
@@ -239,7 +260,8 @@ class LensService:
 
     # -- pictures for the UI ---------------------------------------------------------------------
     def thumbnail(self, result: SearchResult) -> Path:
-        """A small JPEG of a result (made once, remade when the file changes), only for indexed paths.
+        """A small JPEG of a result (made once, remade when the file changes), only for indexed paths;
+        an exact match's region (the query's outline in it) is drawn on it.
 
         ``result.path`` must be relative and stay inside the gallery folder by its own components (no
         ``..``): the folders the scanner follows (linked folders included) are shown, nothing else.
@@ -254,13 +276,17 @@ class LensService:
         except OSError:
             raise LensError(f"'{display_path(result.path)}' is no longer in the gallery (deleted since it was "
                             f"indexed); refresh the index with `lens index {display_path(self.gallery.root)}`") from None
-        identity = b"%s:%d:%d:%d:%d" % (os.fsencode(source.resolve()), stat.st_size, stat.st_mtime_ns,
-                                         stat.st_ctime_ns, stat.st_ino)
+        identity = b"%s:%d:%d:%d:%d:%s" % (os.fsencode(source.resolve()), stat.st_size, stat.st_mtime_ns,
+                                            stat.st_ctime_ns, stat.st_ino, str(result.region).encode())
         key = hashlib.sha1(identity).hexdigest()[:20]
         target = self.thumbnail_dir / f"{key}.jpg"
         if not target.exists():
             image = load_image(source, name=display_path(result.path))
+            width = image.width
             image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+            if result.region:
+                scale = image.width / width
+                image = draw_outline(image, [(x * scale, y * scale) for x, y in result.region])
             self.thumbnail_dir.mkdir(parents=True, exist_ok=True)
             partial = target.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
             image.save(partial, "JPEG", quality=85)

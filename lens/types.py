@@ -1,7 +1,8 @@
 """The ground floor: what a box, a method and a result are. Imports nothing of lens.
 
 - :class:`Box`: a region of a picture, ``x1, y1, x2, y2`` in pixels (+ a label and a score).
-- :class:`Method` (+ the optional :class:`LearnsFromGallery` and :class:`Reranks`): the small protocol
+- :class:`Method` (+ the optional :class:`LearnsFromGallery`, :class:`Reranks` and
+  :class:`MatchesLocally`, whose :class:`Match` es are exact matches): the small protocol
   every similarity method family implements; :class:`MethodInfo` is what an index records about it.
 - :class:`SearchResult`: one gallery image found for a query.
 """
@@ -84,14 +85,26 @@ class SearchResult:
     path: str  #: the image's path relative to the gallery root (its id)
     score: float  #: similarity in [0, 1], 1 = identical; or a count, see ``kind``
     file: Path  #: where the image is on disk
-    #: what ``score`` is: ``cosine`` or ``hamming`` similarity in [0, 1], or ``inliers`` (a count of
-    #: RANSAC-verified keypoint matches, from a method's re-ranking)
+    #: what ``score`` is: ``cosine`` or ``hamming`` similarity in [0, 1], ``inliers`` (a count of
+    #: RANSAC-verified keypoint matches) or ``votes`` (unverified inverted-file votes); see SCORE_LABELS
     kind: str = "cosine"
+    #: ``exact``: the same item, verified geometrically (a RANSAC homography with enough inliers);
+    #: ``similar``: anything else
+    match: str = "similar"
+    inliers: int = 0  #: verified keypoint matches (exact matches only, else 0)
+    #: exact matches: the query's outline in this image, 4 (x, y) corners in its pixels (see
+    #: :func:`lens.methods.local.matched_region`); None otherwise
+    region: tuple[tuple[float, float], ...] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready: ``{"rank", "path" (absolute file), "score", "score_kind"}``."""
-        return {"rank": self.rank, "path": str(self.file), "score": round(self.score, 6),
-                "score_kind": self.kind}
+        """JSON-ready: ``{"rank", "path" (absolute file), "score", "score_kind", "match"}``, and for an
+        exact match ``"inliers"`` and ``"region"`` (4 [x, y] corners, result-image pixels, 0.1 px)."""
+        data: dict[str, Any] = {"rank": self.rank, "path": str(self.file), "score": round(self.score, 6),
+                                "score_kind": self.kind, "match": self.match}
+        if self.match == "exact":
+            data["inliers"] = self.inliers
+            data["region"] = [[round(x, 1), round(y, 1)] for x, y in self.region or ()]
+        return data
 
     @property
     def score_text(self) -> str:
@@ -104,6 +117,7 @@ SCORE_LABELS = {
     "cosine": "cosine similarity, 1 = identical",
     "hamming": "1 - Hamming distance / bits, 1 = identical",
     "inliers": "RANSAC-verified keypoint matches (inliers), more = more alike",
+    "votes": "inverted-file votes of shared visual words (unverified), more = more alike",
 }
 
 
@@ -197,6 +211,30 @@ class Reranks(Protocol):
 
     def rerank(self, item: Any, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The best ``k`` candidate rows for the query's prepared ``item``, and their scores."""
+
+
+@dataclass
+class Match:
+    """A gallery row found by a method that retrieves from its own index (:class:`MatchesLocally`)."""
+
+    row: int
+    votes: float  #: the retrieval score that short-listed it (e.g. inverted-file tf-idf votes)
+    inliers: int = 0  #: RANSAC homography inliers; > 0 only for a verified (exact) match
+    homography: np.ndarray | None = None  #: (3, 3) float64, query pixels -> result-image pixels
+    region: np.ndarray | None = None  #: (4, 2) float32: the query's outline in result-image pixels
+
+
+@runtime_checkable
+class MatchesLocally(Protocol):
+    """Optional: a method that finds gallery rows with its own index (local features: an inverted
+    file) and verifies them geometrically, instead of searching the gallery's vector index.
+
+    The gallery calls ``match(prepare(whole photo), k, box)``: the subject ``box`` (query pixels,
+    x1, y1, x2, y2, or None) focuses the search but the whole photo is kept for verification.
+    """
+
+    def match(self, item: Any, k: int, box: Sequence[float] | None = None) -> list[Match]:
+        """The best ``k`` rows: verified ones (``inliers`` > 0) first, best first."""
 
 
 class BaseMethod:

@@ -117,7 +117,7 @@ def test_the_pages_upload_then_search_decodes_once_and_crops_once(served, monkey
     monkeypatch.setattr(lens.images, "expand_box", lambda *a, **kw: crops.append(a[0]) or widen(*a, **kw))
     on = app.Handlers(service)
     image, boxes, subject, _ = on.on_photo(str(EXAMPLE), "test-quadrants", 0.25)
-    view, shown, results, note = on.on_search(image, boxes, subject["value"], "resnet50", 3)
+    view, shown, exact, results, note = on.on_search(image, boxes, subject["value"], "resnet50", 3)
     assert len(results) == 3 and "resnet50" in note
     assert decodes.count(EXAMPLE) == 1 and len(crops) == 1, (decodes, crops)
     assert shown.size != image.size  # the main subject was cropped, and that crop is what was searched
