@@ -38,7 +38,7 @@ def main() -> None:
 
     dataset = load_dataset(args.data)
     models = {"local": args.vocabulary} if args.vocabulary else {}
-    gallery = Gallery(dataset.root, args.work, models=models)
+    gallery = Gallery(dataset.gallery_root, args.work, models=models)
     gallery.index(["local", args.similar], progress=False)
     in_gallery = set(dataset.gallery)
     depth = len(in_gallery)
