@@ -5,6 +5,8 @@
     >>> gallery.index(["resnet50", "vit"])                 # embeds only new or changed files
     >>> gallery.search("query.jpg", method="vit", k=10, box=(10, 20, 200, 240))
     >>> gallery.search("query.jpg", method="sift", k=10, rerank="all")   # brute-force matching
+    >>> gallery.search(None, method="clip", text="a red dress")            # words (a clip index)
+    >>> gallery.search("query.jpg", method="clip", text="in red", text_weight=0.5)  # photo + words
 
 A :class:`Gallery` resolves method specs and model overrides, and keeps each method's live index
 open (re-opened when a newer build is published); :mod:`lens.indexing` builds the indexes and
@@ -26,7 +28,7 @@ from lens.errors import CorruptIndexError, IndexNotFoundError, LensError
 from lens.images import ImageSource
 from lens.indexing import IndexReport, build_index, scan
 from lens.methods import Method, create_method, is_trained, method_slug
-from lens.search import query_picture, search_pictures
+from lens.search import TEXT_WEIGHT, query_picture, search_pictures, search_text
 from lens.store import Item, StoredIndex, live_build, open_build, read_manifest
 from lens.types import SCORE_LABELS, LearnsFromGallery, Region, Rerank, SearchResult
 
@@ -166,13 +168,15 @@ class Gallery:
 
     def search(
         self,
-        image: ImageSource,
+        image: ImageSource | None,
         method: str,
         k: int = 10,
         box: Region = None,
         rerank: Rerank = None,
         *,
         margin: float = 0.0,
+        text: str | None = None,
+        text_weight: float = TEXT_WEIGHT,
     ) -> list[SearchResult]:
         """The ``k`` gallery images most similar to ``image`` (or to its ``box`` region), best first.
 
@@ -182,7 +186,18 @@ class Gallery:
         exact region). ``rerank``: see :meth:`search_many`. Raises :class:`IndexNotFoundError` when
         ``method`` has no index here, :class:`~lens.images.ImageError` for an unreadable image or a
         box with no area inside it.
+
+        ``text``: words to search for (``image=None``) or to refine the picture with ("in red"), for a
+        method that embeds text (``clip``, ``siglip``); ``text_weight`` in [0, 1] is the words' share of
+        the query (:func:`lens.search.compose_query`). Their scores are of kind ``text cosine`` /
+        ``image+text cosine``: another scale than image-to-image cosines.
         """
+        if text is not None:
+            stored, searcher, _ = self._open(method)
+            picture = query_picture(image, box, margin) if image is not None else None
+            return search_text(stored, searcher, text, picture, self.root, k, text_weight, rerank)
+        if image is None:
+            raise LensError("nothing to search for: give a photo, words (text=...), or both")
         return self.search_many([image], method, k, [box], rerank=rerank, margin=margin)[0]
 
     def search_many(

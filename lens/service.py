@@ -25,7 +25,7 @@ from lens.detect import DEFAULT_MARGIN, Box, box_at, create_detector, main_subje
 from lens.errors import IndexMismatchError, IndexNotFoundError, LensError
 from lens.gallery import Gallery, SearchResult
 from lens.images import load_image
-from lens.search import query_picture
+from lens.search import TEXT_WEIGHT, query_picture
 
 log = logging.getLogger("lens")
 
@@ -190,23 +190,33 @@ class LensService:
         return query_picture(image, box, margin)
 
     # -- search ----------------------------------------------------------------------------------
-    def search(self, image: Image.Image, method: str, k: int = 10, box: Box | None = None) -> Outcome:
+    def search(self, image: Image.Image | None, method: str, k: int = 10, box: Box | None = None, *,
+               text: str | None = None, text_weight: float = TEXT_WEIGHT) -> Outcome:
         """The ``k`` most similar gallery images to ``image`` (or to its ``box``), timed.
 
-        The subject is cropped once (:meth:`subject_image`) and searched as it is.
+        The subject is cropped once (:meth:`subject_image`) and searched as it is. ``text``: words to
+        search for (``image=None``) or to refine the picture with (see :meth:`search_subject`).
         Raises :class:`LensError` when ``method`` is not served or not ready.
         """
-        return self.search_subject(self.subject_image(image, box), method, k)
+        subject = self.subject_image(image, box) if image is not None else None
+        return self.search_subject(subject, method, k, text=text, text_weight=text_weight)
 
-    def search_subject(self, subject: Image.Image, method: str, k: int = 10) -> Outcome:
-        """The ``k`` gallery images most similar to ``subject`` (an already cropped picture), timed."""
-        state = next((s for s in self.states() if s.name == method), None)
+    def search_subject(self, subject: Image.Image | None, method: str, k: int = 10, *,
+                       text: str | None = None, text_weight: float = TEXT_WEIGHT) -> Outcome:
+        """The ``k`` gallery images most similar to ``subject`` (an already cropped picture), timed.
+
+        With ``text`` (a method that reads words: ``clip``, ``siglip``): the words alone when
+        ``subject`` is None, else the picture refined by them, ``text_weight`` being the words' share
+        (:meth:`lens.Gallery.search`). Empty or blank ``text`` is no text.
+        """
+        text = text.strip() if text and text.strip() else None        state = next((s for s in self.states() if s.name == method), None)
         if state is None:
             raise LensError(f"method '{method}' is not served here; choose one of {', '.join(self.methods)}")
         if state.status != "ready":
             raise LensError(f"method '{method}' is not available yet: {state.status} ({state.detail})")
         started = time.perf_counter()
-        results = self.gallery.search(subject, method, k=k)
+        words = {"text": text, "text_weight": text_weight} if text is not None else {}
+        results = self.gallery.search(subject, method, k=k, **words)
         return Outcome(method, results, time.perf_counter() - started)
 
     def compare(self, image: Image.Image, k: int = 5, box: Box | None = None) -> list[Outcome]:

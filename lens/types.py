@@ -4,6 +4,7 @@
 - :class:`Method` (+ the optional :class:`LearnsFromGallery` and :class:`Reranks`): the small protocol
   every similarity method family implements; :class:`MethodInfo` is what an index records about it.
 - :class:`SearchResult`: one gallery image found for a query.
+- :class:`EmbedsText` (optional): a method that embeds words into its image space (CLIP, SigLIP).
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ class SearchResult:
     score: float  #: similarity in [0, 1], 1 = identical; or a count, see ``kind``
     file: Path  #: where the image is on disk
     #: what ``score`` is: ``cosine`` or ``hamming`` similarity in [0, 1], or ``inliers`` (a count of
-    #: RANSAC-verified keypoint matches, from a method's re-ranking)
+    #: RANSAC-verified keypoint matches, from a method's re-ranking); ``text cosine`` / ``image+text
+    #: cosine`` for a query with words (see :data:`SCORE_LABELS`: another scale than image-to-image)
     kind: str = "cosine"
 
     def as_dict(self) -> dict[str, Any]:
@@ -104,6 +106,12 @@ SCORE_LABELS = {
     "cosine": "cosine similarity, 1 = identical",
     "hamming": "1 - Hamming distance / bits, 1 = identical",
     "inliers": "RANSAC-verified keypoint matches (inliers), more = more alike",
+    # words and pictures sit apart in a CLIP space (the "modality gap", Liang et al., NeurIPS 2022):
+    # a good text match scores far below a near-duplicate picture, so only ranks compare across kinds
+    "text cosine": "cosine between the words' and the image's embeddings, on a far lower scale than "
+                   "image-to-image cosines (a good match may score only 0.2-0.3): compare ranks, not values",
+    "image+text cosine": "cosine between the image + words query (weighted sum of both unit vectors) and the "
+                         "image; lower than image-to-image cosines: compare ranks, not values",
 }
 
 
@@ -197,6 +205,16 @@ class Reranks(Protocol):
 
     def rerank(self, item: Any, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The best ``k`` candidate rows for the query's prepared ``item``, and their scores."""
+
+
+@runtime_checkable
+class EmbedsText(Protocol):
+    """Optional: a method that also embeds words into its image space (CLIP, SigLIP): its image
+    vectors can be searched with text, or with a picture refined by text (:func:`lens.search.search_text`)."""
+
+    def embed_text(self, texts: Sequence[str]) -> np.ndarray:
+        """Vectors of the texts: ``(n, info.dim)`` float32, L2-normalised, comparable by cosine with
+        the method's image vectors."""
 
 
 class BaseMethod:

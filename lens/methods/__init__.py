@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 #: Modules that register methods; importing one registers its methods.
-_FAMILIES = ["deep", "autoencoder", "siamese", "hashing", "sift"]
+_FAMILIES = ["deep", "autoencoder", "siamese", "hashing", "sift", "clip"]
 
 MethodFactory = Callable[..., Method]
 _NAMES: dict[str, MethodFactory] = {}
