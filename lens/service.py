@@ -209,7 +209,8 @@ class LensService:
         ``subject`` is None, else the picture refined by them, ``text_weight`` being the words' share
         (:meth:`lens.Gallery.search`). Empty or blank ``text`` is no text.
         """
-        text = text.strip() if text and text.strip() else None        state = next((s for s in self.states() if s.name == method), None)
+        text = text.strip() if text and text.strip() else None
+        state = next((s for s in self.states() if s.name == method), None)
         if state is None:
             raise LensError(f"method '{method}' is not served here; choose one of {', '.join(self.methods)}")
         if state.status != "ready":

@@ -133,24 +133,25 @@ def test_bad_text_queries_are_clear_errors(shapes, tiny_resnet):
         other.search(None, "resnet50", text="red")
 
 
-def test_cli_searches_by_words_and_by_photo_plus_words(shapes, shapes_clip):
+def test_cli_searches_by_words_and_by_photo_plus_words(shapes, shapes_clip, capsys):
+    from lens.cli import main
+
     gallery, kinds = shapes
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-
-    def lens(*args: str) -> list[dict]:
-        done = subprocess.run([sys.executable, "-m", "lens", "search", *args, "--gallery", str(gallery.root),
-                               "--index-dir", str(gallery.index_dir), "--method", "clip", "--model",
-                               f"clip={shapes_clip}", "-k", "6", "--json"],
-                              env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr
-        return json.loads(done.stdout)
-
-    words = lens("--text", "red")
+    common = ["--gallery", str(gallery.root), "--index-dir", str(gallery.index_dir), "--method", "clip",
+              "--model", f"clip={shapes_clip}", "-k", "6", "--json"]
+    # words alone, as a user runs it (a real process)
+    done = subprocess.run([sys.executable, "-m", "lens", "search", "--text", "red", *common],
+                          env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    words = json.loads(done.stdout)
     assert [kinds[os.path.basename(r["path"])][0] for r in words] == ["red"] * 6
     assert {r["score_kind"] for r in words} == {"text cosine"}
-    refined = lens(str(gallery.root / "blue-circle-0.png"), "--text", "red", "--text-weight", "0.6")
+    # a photo refined by words (in-process: the same command, without loading the model again)
+    assert main(["search", str(gallery.root / "blue-circle-0.png"), "--text", "red", "--text-weight", "0.6",
+                 *common]) == 0
+    refined = json.loads(capsys.readouterr().out)
     assert kinds[os.path.basename(refined[0]["path"])][0] == "red"
     assert refined[0]["score_kind"] == "image+text cosine"
-    neither = subprocess.run([sys.executable, "-m", "lens", "search", "--gallery", str(gallery.root)],
-                             env=env, capture_output=True, text=True, timeout=120)
-    assert neither.returncode == 1 and "lens: error: give a QUERY_IMAGE, --text" in neither.stderr
+    assert main(["search", *common]) == 1
+    assert "lens: error: give a QUERY_IMAGE, --text WORDS, or both" in capsys.readouterr().err
