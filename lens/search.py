@@ -105,9 +105,9 @@ def compose_query(image_vector: np.ndarray | None, text_vector: np.ndarray, text
 
     This is the training-free "weighted modality fusion" of Wu, Lin and Yang, "Training-free Zero-shot
     Composed Image Retrieval via Weighted Modality Fusion and Similarity" (arXiv:2409.04918, 2024); at
-    ``w = 0.5`` it is the element-wise sum of CLIP features that Baldrati et al. use as their baseline
-    ("Conditioned and composed image retrieval combining and partially fine-tuning CLIP-based features",
-    CVPR Workshops 2022). ``w = 0``: the picture alone, ``w = 1``: the words alone.
+    ``w = 0.5`` it is the element-wise sum of CLIP features, the starting point of Baldrati et al.,
+    "Composed Image Retrieval using Contrastive Learning and Task-oriented CLIP-based Features" (ACM TOMM
+    2023, arXiv:2308.11485). ``w = 0``: the picture alone, ``w = 1``: the words alone.
     Raises :class:`LensError` for a weight outside [0, 1].
     """
     if not 0.0 <= float(text_weight) <= 1.0:

@@ -109,7 +109,7 @@ SCORE_LABELS = {
     # words and pictures sit apart in a CLIP space (the "modality gap", Liang et al., NeurIPS 2022):
     # a good text match scores far below a near-duplicate picture, so only ranks compare across kinds
     "text cosine": "cosine between the words' and the image's embeddings, on a far lower scale than "
-                   "image-to-image cosines (a good match may score only 0.2-0.3): compare ranks, not values",
+                   "image-to-image cosines (the modality gap): compare ranks, not values",
     "image+text cosine": "cosine between the image + words query (weighted sum of both unit vectors) and the "
                          "image; lower than image-to-image cosines: compare ranks, not values",
 }
