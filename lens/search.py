@@ -110,12 +110,16 @@ def compose_query(image_vector: np.ndarray | None, text_vector: np.ndarray, text
     2023, arXiv:2308.11485). ``w = 0``: the picture alone, ``w = 1``: the words alone.
     Raises :class:`LensError` for a weight outside [0, 1].
     """
-    if not 0.0 <= float(text_weight) <= 1.0:
-        raise LensError(f"the text weight must be between 0 (the picture only) and 1 (the words only), "
-                        f"got {text_weight}")
+    _check_weight(text_weight)
     if image_vector is None:
         return l2_normalise(text_vector)
     return l2_normalise((1.0 - text_weight) * l2_normalise(image_vector) + text_weight * l2_normalise(text_vector))
+
+
+def _check_weight(text_weight: float) -> None:
+    if not 0.0 <= float(text_weight) <= 1.0:
+        raise LensError(f"the text weight must be between 0 (the picture only) and 1 (the words only), "
+                        f"got {text_weight}")
 
 
 def search_text(
@@ -141,6 +145,7 @@ def search_text(
                         "method that embeds text and images together (clip, siglip)")
     if not str(text).strip():
         raise LensError("the words to search for are empty")
+    _check_weight(text_weight)
     words = searcher.embed_text([text])
     image = searcher.embed([picture]) if picture is not None and text_weight < 1 else None
     vectors = compose_query(image, words, text_weight)

@@ -123,8 +123,10 @@ def test_bad_text_queries_are_clear_errors(shapes, tiny_resnet):
     gallery, _ = shapes
     with pytest.raises(LensError, match="empty"):
         gallery.search(None, "clip", text="   ")
-    with pytest.raises(LensError, match="between 0"):
-        gallery.search(gallery.root / "red-circle-0.png", "clip", text="red", text_weight=-0.1)
+    for weight in (-0.1, 1.5):
+        for photo in (gallery.root / "red-circle-0.png", None):
+            with pytest.raises(LensError, match="between 0"):
+                gallery.search(photo, "clip", text="red", text_weight=weight)
     with pytest.raises(LensError, match="give a photo, words"):
         gallery.search(None, "clip")
     other = Gallery(gallery.root, gallery.index_dir, models={"resnet50": str(tiny_resnet)})
