@@ -14,7 +14,7 @@ import argparse
 import functools
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 os.environ.setdefault("YOLO_OFFLINE", "1")  # never pip-install or phone home from the server
@@ -26,7 +26,7 @@ from PIL import Image  # noqa: E402
 from lens import Gallery, LensError, load_image  # noqa: E402
 from lens.detect import Box, list_detectors  # noqa: E402
 from lens.draw import draw_boxes  # noqa: E402
-from lens.images import MAX_BYTES, ImageError  # noqa: E402
+from lens.images import MAX_BYTES, ImageError, check_box, display_path  # noqa: E402
 from lens.methods import parse_models  # noqa: E402
 from lens.samples import write_sample_gallery  # noqa: E402
 from lens.search import TEXT_WEIGHT  # noqa: E402
@@ -53,16 +53,24 @@ def _selected(boxes: Sequence[Box], subject: str | None) -> int | None:
     return choices.index(subject) - 1 if subject in choices and subject != WHOLE else None
 
 
+def _name(path: str) -> str:
+    """A result's file name for people (bytes that are not UTF-8 shown as \\xNN)."""
+    return display_path(PurePosixPath(path).name)
+
+
 def _box_from(value: Any) -> Box | None:
     """A box given to the API as [x1, y1, x2, y2] or as a box dict from /detect."""
     if not value:
         return None
     try:
         if isinstance(value, dict):
-            return Box.of(value["box"], str(value.get("label", "")), float(value.get("score", 1.0)))
-        return Box.of(value)
+            box = Box.of(value["box"], str(value.get("label", "")), float(value.get("score", 1.0)))
+        else:
+            box = Box.of(value)
     except (KeyError, TypeError, ValueError) as exc:
         raise LensError(f"a box is [x1, y1, x2, y2] in pixels or a box from /detect, got {value!r}") from exc
+    check_box(box)  # finite, x1 < x2, y1 < y2 (inside the image: checked with the image)
+    return box
 
 
 STATUS_ICONS = {"ready": "●", "queued": "○", "building": "◐", "failed": "✕", "missing": "–"}
@@ -126,9 +134,9 @@ class Handlers:
         items = []
         for r in outcome.results:
             try:
-                items.append((str(self.service.thumbnail(r)), f"#{r.rank} · {r.score_text} · {Path(r.path).name}"))
+                items.append((str(self.service.thumbnail(r)), f"#{r.rank} · {r.score_text} · {_name(r.path)}"))
             except (LensError, OSError) as exc:
-                gr.Warning(f"cannot show {r.path}: {exc}")
+                gr.Warning(f"cannot show {display_path(r.path)}: {exc}")
         return items
 
     # -- UI events (private: the page's own) ------------------------------------------------------------
@@ -184,7 +192,7 @@ class Handlers:
             raise gr.Error("Upload a photo first.")
         selected = _selected(boxes, subject)
         outcomes = {o.method: o for o in self.service.compare(image, int(k), boxes[selected] if selected is not None else None)}
-        rows = [[o.method, round(o.seconds * 1000, 1), Path(o.results[0].path).name if o.results else "",
+        rows = [[o.method, round(o.seconds * 1000, 1), _name(o.results[0].path) if o.results else "",
                  o.results[0].score_text if o.results else "", o.error or ""] for o in outcomes.values()]
         galleries = [gr.update(value=self.caption(outcomes[m]) if m in outcomes else [],
                                label=f"{m}: {outcomes[m].seconds * 1000:.0f} ms" if m in outcomes else f"{m}: not ready")
@@ -320,8 +328,9 @@ def _outcome_json(outcome: Outcome) -> dict:
         "method": outcome.method,
         "seconds": round(outcome.seconds, 4),
         "error": outcome.error,
-        # "image" (not "path": gradio_client would take the dict for a file to download)
-        "results": [{"rank": r.rank, "image": r.path, "score": round(r.score, 6), "score_kind": r.kind}
+        # "image" (not "path": gradio_client would take the dict for a file to download); a name that
+        # is not valid UTF-8 has its odd bytes as \xNN (JSON text must be valid UTF-8)
+        "results": [{"rank": r.rank, "image": display_path(r.path), "score": round(r.score, 6), "score_kind": r.kind}
                     for r in outcome.results],
     }
 
@@ -330,7 +339,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="lens: photo in, similar images out (web app)")
     parser.add_argument("--gallery", help="folder of images to search (default: the sample gallery, "
                                           "scikit-image's photos, written to ./sample-gallery)")
-    parser.add_argument("--index-dir", help="where the indexes live (default: indexes/<gallery name>)")
+    parser.add_argument("--index-dir", help="where the indexes live (default: indexes/<gallery name>-<hash of its path>)")
     parser.add_argument("--methods", default=os.environ.get("LENS_METHODS", DEFAULT_METHODS),
                         help="comma-separated methods to serve (default: %(default)s)")
     parser.add_argument("--model", action="append", default=[], metavar="NAME=PATH",

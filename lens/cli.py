@@ -19,14 +19,19 @@ DEFAULT_METHODS = "resnet50"
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _parse_box(text: str | None) -> tuple[float, float, float, float] | None:
+def _parse_box(text: str | None, size: tuple[int, int] | None = None) -> tuple[float, float, float, float] | None:
+    """``--box x1,y1,x2,y2`` checked by :func:`lens.images.check_box` (against the query's ``size``)."""
+    from lens.images import check_box
+
     if text is None:
         return None
     try:
-        x1, y1, x2, y2 = (float(v) for v in text.split(","))
+        values = [float(v) for v in text.split(",")]
     except ValueError:
         raise LensError(f"--box expects x1,y1,x2,y2 in pixels, got '{text}'") from None
-    return x1, y1, x2, y2
+    if len(values) != 4:
+        raise LensError(f"--box expects x1,y1,x2,y2 in pixels, got '{text}'")
+    return check_box(values, size)
 
 
 def _gallery(args: argparse.Namespace):
@@ -37,7 +42,7 @@ def _gallery(args: argparse.Namespace):
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index-dir", "--out", dest="index_dir", metavar="DIR",
-                        help="where the gallery's indexes live (default: indexes/<gallery folder name>)")
+                        help="where the gallery's indexes live (default: indexes/<gallery folder name>-<hash of its path>)")
     parser.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
                         help="weights for a method: a hub id or a local folder, e.g. "
                              "resnet50=./weights/resnet-50 (repeatable)")
@@ -123,14 +128,15 @@ def _run_search(args: argparse.Namespace) -> int:
 
     if args.query is None and args.text is None:
         raise LensError("give a QUERY_IMAGE, --text WORDS, or both")
-    query = load_image(args.query) if args.query is not None else None  # a bad query fails before models load
+    query = load_image(args.query) if args.query is not None else None  # a bad query or box fails here,
+    box = _parse_box(args.box, query.size if query is not None else None)  # before any model loads
     gallery = _gallery(args)
     if args.detect:
         if query is None:
             raise LensError("--detect needs a QUERY_IMAGE")
         return _search_detected(args, gallery, query)
     words = {"text": args.text, "text_weight": args.text_weight} if args.text is not None else {}
-    results = gallery.search(query, args.method, k=args.k, box=_parse_box(args.box), rerank=args.rerank, **words)
+    results = gallery.search(query, args.method, k=args.k, box=box, rerank=args.rerank, **words)
     if args.json:
         print(json.dumps([r.as_dict() for r in results], indent=2))
         return 0
@@ -423,7 +429,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     return parser, handlers
 
 
+def _os_path_output() -> None:
+    """Print file names as the OS gives them: a name that is not valid UTF-8 (``caf\\xe9.png`` from
+    an old disk) is written as its original bytes instead of failing with ``UnicodeEncodeError`` on a
+    strict UTF-8 stdout; ``--json`` output is ASCII (such bytes as ``\\udcXX`` escapes, which
+    ``os.fsencode(json.loads(...))`` turns back into the exact name)."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape" if stream is sys.stdout else "backslashreplace")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _os_path_output()
     parser, handlers = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="lens: warning: %(message)s")

@@ -1,7 +1,7 @@
 """A folder of images and its per-method indexes: the public front over indexing and search.
 
     >>> from lens import Gallery
-    >>> gallery = Gallery("photos/")                      # indexes in ./indexes/photos/
+    >>> gallery = Gallery("photos/")                      # indexes in ./indexes/photos-<hash of its path>/
     >>> gallery.index(["resnet50", "vit"])                 # embeds only new or changed files
     >>> gallery.search("query.jpg", method="vit", k=10, box=(10, 20, 200, 240))
     >>> gallery.search("query.jpg", method="sift", k=10, rerank="all")   # brute-force matching
@@ -18,18 +18,20 @@ gallery, ``models/<gallery folder name>/<method>/``, unless ``models=`` or ``mod
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from lens.errors import CorruptIndexError, IndexNotFoundError, LensError
-from lens.images import ImageSource
+from lens.images import IMAGE_EXTENSIONS, ImageSource
 from lens.indexing import IndexReport, build_index, scan
 from lens.methods import Method, create_method, is_trained, method_slug
 from lens.search import TEXT_WEIGHT, query_picture, search_pictures, search_text
-from lens.store import Item, StoredIndex, live_build, open_build, read_manifest
+from lens.store import Item, StoredIndex, live_build, open_build, read_manifest, reading
 from lens.types import SCORE_LABELS, LearnsFromGallery, Region, Rerank, SearchResult
 
 __all__ = ["SCORE_LABELS", "Gallery", "IndexReport", "SearchResult"]
@@ -37,8 +39,28 @@ __all__ = ["SCORE_LABELS", "Gallery", "IndexReport", "SearchResult"]
 log = logging.getLogger("lens")
 
 
+def default_index_dir(root: str | Path) -> Path:
+    """``indexes/<folder name>-<8 hex digits of a sha256 of its path>`` (relative to the working
+    directory): one folder per gallery root, so that two galleries with the same folder name
+    (``2023/photos``, ``2024/photos``) never share an index.
+
+    The path hashed is the resolved root relative to the working directory when it lies below it
+    (so a repository checked out elsewhere, e.g. a Space, finds its prebuilt ``indexes/``), else the
+    resolved absolute path.
+    """
+    resolved, here = Path(root).resolve(), Path.cwd().resolve()
+    key = resolved.relative_to(here) if resolved.is_relative_to(here) else resolved
+    digest = hashlib.sha256(os.fsencode(key.as_posix())).hexdigest()[:8]
+    return Path("indexes") / f"{resolved.name or 'root'}-{digest}"
+
+
 class Gallery:
-    """A folder of images (searched recursively) and where its indexes live."""
+    """A folder of images (searched recursively) and where its indexes live.
+
+    ``index_dir`` defaults to :func:`default_index_dir` (relative to the working directory); every
+    build records the resolved root it indexes, and an index built for another root is refused for
+    searching (:class:`~lens.errors.IndexMismatchError`) and rebuilt by :meth:`index`.
+    """
 
     def __init__(
         self,
@@ -52,7 +74,9 @@ class Gallery:
         if not self.root.is_dir():
             raise LensError(f"gallery folder '{root}' does not exist or is not a folder")
         self.name = self.root.resolve().name
-        self.index_dir = Path(index_dir) if index_dir else Path("indexes") / self.name
+        #: the resolved root as an OS path: what every build records as the gallery it indexes
+        self.root_id = os.fspath(self.root.resolve())
+        self.index_dir = Path(index_dir) if index_dir else default_index_dir(self.root)
         self.models = dict(models or {})  #: method name -> hub id or local path replacing its default
         #: where ``lens train`` puts this gallery's trained models, one folder per method
         self.models_dir = Path(models_dir) if models_dir else Path("models") / self.name
@@ -106,9 +130,10 @@ class Gallery:
         return read_manifest(self.method_dir(spec))
 
     # -- indexing --------------------------------------------------------------------------------
-    def scan(self) -> list[Item]:
-        """Every image file below the root (the index folder excluded): see :func:`lens.indexing.scan`."""
-        return scan(self.root, exclude=(self.index_dir,))
+    def scan(self, skipped: list[tuple[str, str]] | None = None) -> list[Item]:
+        """Every image file below the root (the index folder excluded): see :func:`lens.indexing.scan`;
+        links that cannot be followed are appended to ``skipped`` as (path, reason)."""
+        return scan(self.root, exclude=(self.index_dir,), skipped=skipped)
 
     def index(
         self,
@@ -125,15 +150,19 @@ class Gallery:
         ``progress`` shows a progress bar; ``on_progress(method, done, total)`` reports each batch.
         ``batch_size`` (images per model call) defaults to 8 on CPU and 32 on a GPU.
         """
-        items = self.scan()
+        scan_skipped: list[tuple[str, str]] = []
+        items = self.scan(scan_skipped)
         if not items:
-            raise LensError(f"no images found in '{self.root}' (looked for jpg, png, webp, bmp, tiff, gif)")
-        return [
-            build_index(self.root, self.method_dir(spec), spec, self._base_method(spec), items,
-                        index_spec=index_spec, batch_size=batch_size, workers=workers, progress=progress,
-                        on_progress=on_progress)
-            for spec in methods
-        ]
+            raise LensError(f"no images found in '{self.root}' (looked for {len(IMAGE_EXTENSIONS)} image file "
+                            "extensions: .jpg, .png, .webp, .avif, .heic, .tif, .bmp, .gif, ...; see the README)")
+        reports = []
+        for spec in methods:
+            report = build_index(self.root, self.method_dir(spec), spec, self._base_method(spec), items,
+                                 index_spec=index_spec, batch_size=batch_size, workers=workers,
+                                 progress=progress, on_progress=on_progress, gallery_root=self.root_id)
+            report.skipped[:0] = scan_skipped
+            reports.append(report)
+        return reports
 
     # -- searching -------------------------------------------------------------------------------
     def open(self, spec: str) -> StoredIndex:
@@ -147,24 +176,32 @@ class Gallery:
         method cache then gives a new instance, checked against the index's manifest).
         """
         method_dir = self.method_dir(spec)
-        build = live_build(method_dir)
-        if build is None:
-            available = ", ".join(self.indexed_methods()) or "none yet"
-            raise IndexNotFoundError(
-                f"no index for method '{spec}' in {self.index_dir} (indexed: {available}); build it "
-                f"with `lens index {self.root} --methods {spec}`"
-            )
+        if live_build(method_dir) is None:
+            raise IndexNotFoundError(self._not_indexed(spec))
         base = self._base_method(spec)
         with self._lock:
             lock = self._open_locks.setdefault(spec, threading.Lock())
-        with lock:
+        # CURRENT is read once; a rebuild meanwhile cannot remove the build until it is open
+        with lock, reading(method_dir) as build:
+            if build is None:
+                raise IndexNotFoundError(self._not_indexed(spec))
             entry = self._opened.get(spec)
             if entry is None or entry[0].folder != build or entry[2] is not base:
                 method = base.load_state(build) if isinstance(base, LearnsFromGallery) else base
-                entry = (open_build(method_dir, method.info), method, base)
+                entry = (open_build(method_dir, method.info, build=build, root=self.root_id), method, base)
                 with self._lock:
                     self._opened[spec] = entry
             return entry
+
+    def _not_indexed(self, spec: str) -> str:
+        available = ", ".join(self.indexed_methods()) or "none yet"
+        text = (f"no index for method '{spec}' in {self.index_dir} (indexed: {available}); build it "
+                f"with `lens index {self.root} --methods {spec}`")
+        legacy = Path("indexes") / self.name
+        if self.index_dir == default_index_dir(self.root) and (legacy / method_slug(spec)).is_dir():
+            text += (f". ({legacy} holds an index made by an older lens, which named index folders by "
+                     f"the gallery's folder name only; if it is this gallery's, use it with --index-dir {legacy})")
+        return text
 
     def search(
         self,

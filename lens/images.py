@@ -9,9 +9,12 @@ with a readable message instead of a library traceback.
 from __future__ import annotations
 
 import io
+import logging
+import math
 import os
+import stat
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Union
 
@@ -20,13 +23,42 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pi_heif import register_heif_opener
 
 register_heif_opener()  # HEIC/HEIF, as phones save photos
+try:  # JPEG XL, when the optional plugin is installed (pip install pillow-jxl-plugin)
+    import pillow_jxl  # noqa: F401
+except ImportError:
+    pass
 from lens.errors import LensError
 from lens.types import Box
 
-#: File extensions lens treats as images when it scans a folder.
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm", ".heic", ".heif"}
-)
+log = logging.getLogger("lens")
+
+#: Formats Pillow registers that lens never decodes: EPS runs Ghostscript (an interpreter) on the file,
+#: and the rest are identify-only stubs or Windows-only (MPEG, HDF5, GRIB, BUFR, WMF/EMF, IPTC).
+UNSAFE_OR_STUB_FORMATS = frozenset({"EPS", "MPEG", "HDF5", "GRIB", "BUFR", "WMF", "IPTC"})
+
+
+def decodable_formats() -> list[str]:
+    """The Pillow formats :func:`load_image` decodes: every registered opener (Pillow's own, AVIF,
+    HEIC/HEIF via pi-heif, JPEG XL via pillow-jxl-plugin when installed) but the unsafe or stub ones."""
+    Image.init()
+    return sorted(f for f in Image.OPEN if f not in UNSAFE_OR_STUB_FORMATS)
+
+
+def image_extensions() -> frozenset[str]:
+    """File extensions (lower case, with the dot) of every format in :func:`decodable_formats`."""
+    formats = set(decodable_formats())
+    return frozenset(ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in formats)
+
+
+#: File extensions lens treats as images when it scans a folder (derived from the decoders registered
+#: at import: .jpg, .png, .webp, .avif, .heic, .tif, .bmp, .gif, ... see the README).
+IMAGE_EXTENSIONS = image_extensions()
+#: Longest side / shortest side beyond which a picture is a degenerate strip (e.g. 16000x1): it is
+#: padded (white, at the right or bottom, so pixel coordinates keep their meaning) to this ratio.
+MAX_ASPECT = 20
+#: A strip's long side is first reduced to this many pixels, so that the padded picture, and what
+#: every method's preprocessing makes of it, stays bounded whatever the input's shape.
+MAX_STRIP_SIDE = 4096
 #: Largest picture decoded (width x height); bigger ones are refused as likely decompression bombs.
 MAX_PIXELS = 80_000_000
 EXIF_ORIENTATION = 0x0112  #: the EXIF tag that says how the camera was held
@@ -82,7 +114,7 @@ def load_image(
         image.load()
         if image.getexif().get(EXIF_ORIENTATION, 1) != 1:  # else no copy: a decoded picture passes as is
             image = ImageOps.exif_transpose(image) or image
-        return _to_rgb(image)
+        return limit_aspect(_to_rgb(image))
     except (OSError, ValueError, SyntaxError) as exc:
         raise _decode_error(name, exc) from exc
 
@@ -115,7 +147,7 @@ def _open(source: Union[str, os.PathLike, bytes], name: str, max_bytes: int) -> 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(data))
+            return Image.open(io.BytesIO(data), formats=decodable_formats())
     except UnidentifiedImageError as exc:
         raise ImageError(f"{name} is not an image lens can read (unknown or corrupt format)") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -130,6 +162,29 @@ def _decode_error(name: str, exc: BaseException) -> ImageError:
     if "truncated" in str(exc).lower():
         return ImageError(f"{name} is truncated (the file is incomplete): {exc}")
     return ImageError(f"cannot decode {name}: {exc}")
+
+
+def limit_aspect(image: Image.Image, max_aspect: float = MAX_ASPECT, max_side: int = MAX_STRIP_SIDE
+                 ) -> Image.Image:
+    """``image`` itself when its sides are within ``max_aspect`` of each other; else a bounded copy.
+
+    A strip (long side > ``max_aspect`` x short side) has its long side reduced to ``max_side`` (the
+    short side keeps at least 1 pixel) and is then padded with white at the right or bottom up to
+    ``max_aspect``: at most ``max_side`` x ``max_side / max_aspect`` pixels, whatever came in.
+    """
+    width, height = image.size
+    if max(width, height) <= max_aspect * min(width, height):
+        return image
+    scale = min(1.0, max_side / max(width, height))
+    if scale < 1.0:
+        image = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BOX)
+        width, height = image.size
+    long_side = max(width, height)
+    short_side = max(1, math.ceil(long_side / max_aspect))
+    size = (width, short_side) if width >= height else (short_side, height)
+    canvas = Image.new(image.mode, size, (255, 255, 255) if image.mode == "RGB" else 255)
+    canvas.paste(image, (0, 0))
+    return canvas
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -154,19 +209,97 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def iter_image_files(root: Union[str, os.PathLike], *, exclude: tuple[Path, ...] = ()) -> Iterator[Path]:
-    """Yield image files below ``root`` (recursive, sorted, hidden entries and ``exclude`` skipped)."""
+def display_path(path: Union[str, os.PathLike]) -> str:
+    """``path`` as text that any strict UTF-8 output takes: bytes of a file name that are not valid
+    UTF-8 (surrogate escapes in an OS path, e.g. Latin-1 ``caf\\xe9.png``) are shown as ``\\xe9``.
+    For people (captions, messages); the path itself stays the OS path."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+Skip = Callable[[Path, str], None]
+
+
+def iter_image_files(
+    root: Union[str, os.PathLike], *, exclude: tuple[Path, ...] = (), on_skip: Skip | None = None
+) -> Iterator[Path]:
+    """Yield image files below ``root`` (recursive, sorted, hidden entries and ``exclude`` skipped).
+
+    Paths are OS paths (``str`` with undecodable bytes as surrogate escapes, PEP 383), as
+    :func:`os.walk` gives them. Symbolic links are followed: a linked folder is scanned like a real
+    one, except a folder already scanned (a link loop, or a second link to the same folder), which is
+    left out. Entries that cannot be used, a dangling or looping link or a name with an image
+    extension that is not a regular file, are left out with a warning and reported to
+    ``on_skip(path, reason)``.
+    """
     root = Path(root)
+    extensions = image_extensions()
     excluded = {p.resolve() for p in exclude}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+    seen: set[tuple[int, int]] = set()
+
+    def skip(path: Path, reason: str) -> None:
+        log.warning("skipped %s: %s", path, reason)
+        if on_skip is not None:
+            on_skip(path, reason)
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=None):
         here = Path(dirpath)
+        try:
+            info = os.stat(here)
+            if (info.st_dev, info.st_ino) in seen:  # reached again through a link: scanned already
+                dirnames[:] = []
+                skip(here, "a link to a folder scanned already (symbolic link loop or duplicate link)")
+                continue
+            seen.add((info.st_dev, info.st_ino))
+        except OSError as exc:
+            skip(here, f"cannot read the folder: {exc.strerror or exc}")
+            dirnames[:] = []
+            continue
+        # real folders before links among siblings: a folder both present and linked keeps its own path
         dirnames[:] = sorted(
-            d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in excluded
+            (d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in excluded),
+            key=lambda d: (os.path.islink(here / d), d),
         )
         for filename in sorted(filenames):
-            if filename.startswith(".") or Path(filename).suffix.lower() not in IMAGE_EXTENSIONS:
+            if filename.startswith(".") or Path(filename).suffix.lower() not in extensions:
                 continue
-            yield here / filename
+            path = here / filename
+            try:
+                if not stat.S_ISREG(os.stat(path).st_mode):
+                    skip(path, "not a regular file")
+                    continue
+            except OSError as exc:
+                if os.path.islink(path):
+                    what = "symbolic link loop" if exc.errno == 40 else "broken symbolic link (its target is gone)"
+                    skip(path, f"{what}: {os.readlink(path)}")
+                else:
+                    skip(path, f"cannot read it: {exc.strerror or exc}")
+                continue
+            yield path
+
+
+def check_box(box: Box | Sequence[float], size: tuple[int, int] | None = None) -> tuple[float, float, float, float]:
+    """``box`` (a :class:`~lens.types.Box` or 4 numbers) as (x1, y1, x2, y2) floats, or an
+    :class:`ImageError` saying why it cannot be used.
+
+    The one validation of a search region, for every entry point (CLI ``--box``, ``Gallery.search``,
+    the app, detected boxes): four finite numbers in pixels with x1 < x2 and y1 < y2, and, given the
+    image's ``size`` (width, height), some area inside the image (the rest is clamped away later).
+    """
+    try:
+        values = Box.of(box).xyxy
+    except ValueError as exc:
+        raise ImageError(str(exc)) from None
+    x1, y1, x2, y2 = values
+    text = f"box {x1:g},{y1:g},{x2:g},{y2:g}"
+    if not all(math.isfinite(v) for v in values):
+        raise ImageError(f"{text} is not usable: every coordinate must be a finite number of pixels")
+    if not (x2 > x1 and y2 > y1):
+        raise ImageError(f"{text} has no area: it needs x1 < x2 and y1 < y2 (left, top, right, bottom)")
+    if size is not None:
+        width, height = size
+        if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
+            raise ImageError(f"{text} lies outside the {width}x{height} image (no area inside it)")
+    return x1, y1, x2, y2
 
 
 def expand_box(
@@ -174,22 +307,13 @@ def expand_box(
 ) -> tuple[float, float, float, float]:
     """``box`` widened by ``margin`` x its width / height on each side, clamped to the image (pixels).
 
-    Raises :class:`ImageError` for a box that is not 4 numbers, has no area (needs x1 < x2 and
-    y1 < y2) or lies outside the image, and :class:`LensError` for a negative ``margin``.
+    Raises :class:`ImageError` for a box :func:`check_box` refuses (not 4 finite numbers, no area:
+    needs x1 < x2 and y1 < y2, or outside the image), and :class:`LensError` for a negative ``margin``.
     """
-    try:
-        x1, y1, x2, y2 = Box.of(box).xyxy
-    except ValueError as exc:
-        raise ImageError(str(exc)) from None
+    x1, y1, x2, y2 = check_box(box, image_size)
     width, height = image_size
     if not margin >= 0:
         raise LensError(f"the crop margin must be 0 or more, got {margin}")
-    if not (x2 > x1 and y2 > y1):
-        raise ImageError(f"box {x1:g},{y1:g},{x2:g},{y2:g} has no area (needs x1 < x2 and y1 < y2)")
-    if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
-        raise ImageError(
-            f"box {x1:g},{y1:g},{x2:g},{y2:g} lies outside the {width}x{height} image (no area inside it)"
-        )
     dx, dy = (x2 - x1) * margin, (y2 - y1) * margin
     return (max(0.0, x1 - dx), max(0.0, y1 - dy), min(float(width), x2 + dx), min(float(height), y2 + dy))
 
@@ -205,7 +329,8 @@ def crop(image: Image.Image, box: Box | Sequence[float] | None, margin: float = 
     is the exact region asked for; searches from a detector's box use
     :data:`lens.detect.DEFAULT_MARGIN` (5%) for context.
 
-    Raises :class:`ImageError` (see :func:`expand_box`) for a box with no area inside the image.
+    Raises :class:`ImageError` (see :func:`check_box`) for a box that is not finite, is inverted or
+    has no area inside the image.
     """
     if box is None:
         return image

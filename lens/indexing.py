@@ -3,7 +3,7 @@
     >>> items = scan(root, exclude=(index_dir,))            # stable ids: paths relative to root
     >>> report = build_index(root, index_dir / "vit", "vit", create_method("vit"), items)
 
-Only new or changed images (by size and mtime) are embedded; the rest keep their vectors from the
+Only new or changed images (by size, mtime, ctime and inode: see :class:`lens.store.Item`) are embedded; the rest keep their vectors from the
 live build. The build is written next to the live one and published atomically (:mod:`lens.store`).
 """
 
@@ -20,10 +20,10 @@ import numpy as np
 from filelock import FileLock
 
 from lens.embedding import default_batch_size, embed_files
-from lens.errors import LensError
+from lens.errors import IndexMismatchError, LensError
 from lens.images import iter_image_files
 from lens.index import DEFAULT_INDEX, create_index, default_index
-from lens.store import Item, live_build, open_build, publish, read_manifest
+from lens.store import Item, check_root, live_build, open_build, publish, read_manifest
 from lens.types import LearnsFromGallery, Method
 
 log = logging.getLogger("lens")
@@ -48,14 +48,33 @@ class IndexReport:
         return self.embedded / self.embed_seconds if self.embed_seconds > 0 else 0.0
 
 
-def scan(root: Path, exclude: tuple[Path, ...] = ()) -> list[Item]:
+def scan(root: Path, exclude: tuple[Path, ...] = (), skipped: list[tuple[str, str]] | None = None
+         ) -> list[Item]:
     """Every image file below ``root`` (recursive; ``exclude``: folders skipped, e.g. the index folder),
-    with what identifies its version: its path relative to ``root`` (its id), size in bytes, mtime in ns.
+    with what identifies its version: its path relative to ``root`` (its id, an OS path as text),
+    size in bytes, mtime and ctime in ns, and inode.
+
+    Linked folders are followed (a folder reached twice, e.g. a loop, once); dangling or looping
+    links and files that vanish meanwhile are left out with a warning and appended to ``skipped`` as
+    (path, reason) (see :func:`lens.images.iter_image_files`).
     """
     items = []
-    for path in iter_image_files(root, exclude=exclude):
-        stat = path.stat()
-        items.append(Item(path.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns))
+
+    def relative(path: Path) -> str:
+        return path.relative_to(root).as_posix() if path != root else "."
+
+    def skip(path: Path, reason: str) -> None:
+        if skipped is not None:
+            skipped.append((relative(path), reason))
+
+    for path in iter_image_files(root, exclude=exclude, on_skip=skip):
+        try:
+            stat = path.stat()
+        except OSError as exc:
+            log.warning("skipped %s: %s", path, exc.strerror or exc)
+            skip(path, f"cannot read it: {exc.strerror or exc}")
+            continue
+        items.append(Item(relative(path), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino))
     return items
 
 
@@ -71,6 +90,7 @@ def build_index(
     workers: int = 2,
     progress: bool = True,
     on_progress: Callable[[str, int, int], None] | None = None,
+    gallery_root: str | None = None,
 ) -> IndexReport:
     """Build or refresh ``method_dir``'s index of the gallery ``root`` with the method ``base``.
 
@@ -83,7 +103,9 @@ def build_index(
     ``index_spec``: the index backend (:func:`lens.index.create_index`); None keeps the one an
     earlier build was asked for, else one that suits the size. ``batch_size`` (images per model
     call) defaults to 8 on CPU and 32 on a GPU; ``workers`` decode in parallel; ``on_progress(spec,
-    done, total)`` reports each batch. Raises :class:`LensError` when none of the images can be read.
+    done, total)`` reports each batch. ``gallery_root`` (the resolved root, an OS path) is recorded in
+    the build; a live build made for another root is rebuilt for this one (with a warning naming
+    both). Raises :class:`LensError` when none of the images can be read.
     """
     started = time.perf_counter()
     method_dir.mkdir(parents=True, exist_ok=True)
@@ -91,7 +113,7 @@ def build_index(
         method, restored = _method_to_index(root, method_dir, spec, base, items)
         info = method.info
         keeps_items = isinstance(method, LearnsFromGallery)
-        cached, previous_vectors, previous_spec = _cached_vectors(method_dir, method)
+        cached, previous_vectors, previous_spec = _cached_vectors(method_dir, method, gallery_root)
         if keeps_items and not restored:
             cached = {}  # its stored per-image data is not reusable: prepare every image again
         fresh = [item for item in items if item not in cached]
@@ -141,6 +163,7 @@ def build_index(
                 "index_given": chosen is not None,
             },
             write_extra=(lambda folder: method.save_state(folder, per_item)) if keeps_items else None,
+            gallery_root=gallery_root,
         )
     return IndexReport(
         spec, folder, len(kept), len(embedded.paths), len(kept) - len(embedded.paths),
@@ -165,7 +188,7 @@ def _method_to_index(root: Path, method_dir: Path, spec: str, base: Method, item
     return base.fit([root / item.path for item in items]), False
 
 def _cached_vectors(
-    method_dir: Path, method: Method
+    method_dir: Path, method: Method, gallery_root: str | None = None
 ) -> tuple[dict[Item, int], np.ndarray, str | None]:
     """Rows of the live build reusable with the same weights: {item: row}, its vectors, its index spec."""
     none = np.zeros((0, method.info.dim), np.float32)
@@ -181,6 +204,13 @@ def _cached_vectors(
     except (LensError, KeyError) as exc:
         log.warning("%s: previous index unusable (%s); embedding every image again", method_dir, exc)
         return {}, none, None
+    if gallery_root is not None:
+        try:
+            check_root(stored.manifest, gallery_root, method_dir, stored.folder)
+        except IndexMismatchError:
+            # rows are reused only for files with the same path, size, times and inode: never another's
+            log.warning("%s was built for the gallery '%s', not '%s': rebuilding it for '%s'",
+                        method_dir, stored.manifest.get("gallery"), gallery_root, gallery_root)
     rows = {item: row for row, item in enumerate(stored.items)}
     return rows, np.asarray(stored.vectors), _given_spec(stored.manifest)
 

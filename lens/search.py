@@ -10,17 +10,22 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from lens.errors import LensError
-from lens.images import ImageSource, crop, load_image
+from lens.images import ImageSource, crop, display_path, load_image
 from lens.index import rerank_exact
 from lens.store import StoredIndex
 from lens.types import Box, EmbedsText, Method, Rerank, Reranks, SearchResult, l2_normalise
+
+log = logging.getLogger("lens")
 
 
 def query_picture(image: ImageSource, box: Box | Sequence[float] | None = None, margin: float = 0.0
@@ -51,6 +56,7 @@ def search_pictures(
     every gallery image (brute force, the exact reference); ``0`` keeps the index's order; ``None``:
     the method's default (SIFT: 50), else the index spec's ``rerank`` option (e.g.
     ``faiss:PQ32:rerank=100``), else 0. Raises :class:`LensError` for a bad ``rerank``.
+    Results whose file was deleted since the index was built are left out (:func:`on_disk`).
     """
     prepared = [searcher.prepare(picture) for picture in pictures]
     vectors = searcher.embed_prepared(prepared)
@@ -65,25 +71,26 @@ def search_pictures(
         # full ranking for evaluation) keep the index's order and scores, and say so in their kind
         reranked = [searcher.rerank(item, row[:count], min(k, count)) for item, row in zip(prepared, ids)]
         tails = [(row_ids[count:k], row_scores[count:k]) for row_ids, row_scores in zip(ids, scores)]
-        return [
+        return on_disk([
             [SearchResult(rank + 1, stored.items[i].path, float(score), root / stored.items[i].path,
                           searcher.score_kind if rank < len(top_ids) else stored.index.metric)
              for rank, (i, score) in enumerate(zip([*top_ids, *tail_ids], [*top_scores, *tail_scores]))
              if i >= 0]
             for (top_ids, top_scores), (tail_ids, tail_scores) in zip(reranked, tails)
-        ]
+        ], root)
     return _ranked(stored, vectors, ids, scores, root, k, count, kind)
 
 
 def _ranked(stored: StoredIndex, vectors: np.ndarray, ids: np.ndarray, scores: np.ndarray, root: Path, k: int,
             count: int, kind: str) -> list[list[SearchResult]]:
-    """Index candidates as results: re-ranked exactly with the stored vectors when ``count``."""
+    """Index candidates as results (files still on disk): re-ranked exactly with the stored vectors
+    when ``count``."""
     if count:
         index = stored.index
         ranked = list(zip(*rerank_exact(vectors, ids, stored.vectors, index.metric, index.dim, k)))
     else:
         ranked = [(row_ids[:k], row_scores[:k]) for row_ids, row_scores in zip(ids, scores)]
-    return [
+    return on_disk([
         [
             SearchResult(rank + 1, stored.items[i].path, float(score), root / stored.items[i].path,
                          kind)
@@ -91,7 +98,20 @@ def _ranked(stored: StoredIndex, vectors: np.ndarray, ids: np.ndarray, scores: n
             if i >= 0
         ]
         for row_ids, row_scores in ranked
-    ]
+    ], root)
+
+
+def on_disk(groups: list[list[SearchResult]], root: Path) -> list[list[SearchResult]]:
+    """``groups`` without the results whose file was deleted since the index was built (ranks
+    renumbered), with a warning suggesting ``lens index``: a stale hit is never shown as an answer."""
+    gone = {r.path for group in groups for r in group if not os.path.isfile(r.file)}
+    if not gone:
+        return groups
+    log.warning("%d result file(s) were deleted since the index was built (e.g. %s) and are left out; "
+                "refresh the index with `lens index %s`", len(gone), display_path(sorted(gone)[0]),
+                display_path(root))
+    return [[replace(r, rank=rank) for rank, r in enumerate((r for r in group if r.path not in gone), 1)]
+            for group in groups]
 
 
 #: The words' share of an image + text query by default: 0.5 is the plain sum of the two unit vectors.

@@ -17,14 +17,14 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from PIL import Image
 
 from lens.detect import DEFAULT_MARGIN, Box, box_at, create_detector, main_subject
 from lens.errors import IndexMismatchError, IndexNotFoundError, LensError
 from lens.gallery import Gallery, SearchResult
-from lens.images import load_image
+from lens.images import display_path, load_image
 from lens.search import TEXT_WEIGHT, query_picture
 
 log = logging.getLogger("lens")
@@ -234,16 +234,27 @@ class LensService:
 
     # -- pictures for the UI ---------------------------------------------------------------------
     def thumbnail(self, result: SearchResult) -> Path:
-        """A small JPEG of a result (made once), only for files inside the gallery root."""
-        root = self.gallery.root.resolve()
-        source = (self.gallery.root / result.path).resolve()  # follows symlinks
-        if not source.is_relative_to(root):
-            raise LensError(f"refusing to show '{result.path}': it is outside the gallery folder")
-        stat = source.stat()
-        key = hashlib.sha1(f"{source}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:20]
+        """A small JPEG of a result (made once, remade when the file changes), only for indexed paths.
+
+        ``result.path`` must be relative and stay inside the gallery folder by its own components (no
+        ``..``): the folders the scanner follows (linked folders included) are shown, nothing else.
+        File names are OS paths throughout (names that are not valid UTF-8 included).
+        """
+        relative = PurePosixPath(result.path)
+        if relative.is_absolute() or ".." in relative.parts:
+            raise LensError(f"refusing to show '{display_path(result.path)}': it is outside the gallery folder")
+        source = self.gallery.root / relative
+        try:
+            stat = source.stat()  # follows symlinks, as the scanner does
+        except OSError:
+            raise LensError(f"'{display_path(result.path)}' is no longer in the gallery (deleted since it was "
+                            f"indexed); refresh the index with `lens index {display_path(self.gallery.root)}`") from None
+        identity = b"%s:%d:%d:%d:%d" % (os.fsencode(source.resolve()), stat.st_size, stat.st_mtime_ns,
+                                         stat.st_ctime_ns, stat.st_ino)
+        key = hashlib.sha1(identity).hexdigest()[:20]
         target = self.thumbnail_dir / f"{key}.jpg"
         if not target.exists():
-            image = load_image(source)
+            image = load_image(source, name=display_path(result.path))
             image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
             self.thumbnail_dir.mkdir(parents=True, exist_ok=True)
             partial = target.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")

@@ -117,6 +117,18 @@ def gallery_dir(tmp_path) -> Path:
     return folder
 
 
+def index_dir_seen_from(cwd: Path, gallery: Path) -> Path:
+    """Where `lens index GALLERY` run in ``cwd`` puts the gallery's indexes (the default index folder)."""
+    from lens.gallery import default_index_dir
+
+    previous = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return cwd / default_index_dir(gallery)
+    finally:
+        os.chdir(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> Path:
     """A tiny random-initialised CLIP (16-d) with its image processor and a word-level tokenizer."""

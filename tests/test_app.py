@@ -154,6 +154,8 @@ def test_errors_are_readable_and_the_app_keeps_serving(served, tmp_path):
 
 
 def test_thumbnails_never_leave_the_gallery(served, tmp_path):
+    """Only paths inside the gallery folder's own tree are shown; a link the user put in the gallery
+    is part of it (the scanner follows it, issue #17), a path climbing out with '..' never is."""
     from lens.errors import LensError
     from lens.gallery import SearchResult
 
@@ -163,9 +165,12 @@ def test_thumbnails_never_leave_the_gallery(served, tmp_path):
     link = service.gallery.root / "link.jpg"
     link.symlink_to(outside)
     try:
-        for path in ("../../secret.jpg", "link.jpg"):
+        for path in ("../../secret.jpg", "nested/../../secret.jpg", str(outside)):
             with pytest.raises(LensError, match="outside the gallery"):
                 service.thumbnail(SearchResult(1, path, 1.0, Path(path)))
+        assert service.thumbnail(SearchResult(1, "link.jpg", 1.0, link)).is_file()
+        with pytest.raises(LensError, match="no longer in the gallery.*lens index"):
+            service.thumbnail(SearchResult(1, "gone.jpg", 1.0, service.gallery.root / "gone.jpg"))
     finally:
         link.unlink()
 

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, shared_path, write_gallery
+from conftest import REPO, index_dir_seen_from, shared_path, write_gallery
+
 
 
 def lens(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -26,8 +27,10 @@ def test_index_then_search_as_a_user(tmp_path, tiny_resnet, tiny_dinov2):
     assert done.returncode == 0, done.stderr
     assert "resnet50: 8 images indexed (8 embedded, 0 reused, 0 skipped)" in done.stdout
     assert "img/s" in done.stderr  # the progress bar shows the speed
-    assert (tmp_path / "indexes" / "photos" / "resnet50" / "CURRENT").is_file()
-    assert (tmp_path / "indexes" / "photos" / "vit" / "CURRENT").is_file()
+    index_dir = index_dir_seen_from(tmp_path, photos)  # indexes/photos-<hash of its resolved path>
+    assert index_dir.name.startswith("photos-")
+    assert (index_dir / "resnet50" / "CURRENT").is_file()
+    assert (index_dir / "vit" / "CURRENT").is_file()
 
     found = lens("search", "photos/nested/img002.jpg", "--gallery", "photos", "--method", "vit", "-k", "3",
                  "--json", *models, cwd=tmp_path)

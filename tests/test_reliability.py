@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from bad_inputs import bad_input_corpus
-from conftest import REPO, shared_path, write_gallery
+from conftest import REPO, index_dir_seen_from, shared_path, write_gallery
 
 from lens import Gallery
 from lens.errors import CorruptIndexError
@@ -76,7 +76,7 @@ def test_kill_9_during_index_leaves_the_previous_index_loadable(tmp_path, tiny_r
     os.kill(second.pid, signal.SIGKILL)
     second.wait(timeout=30)
     assert second.returncode == -signal.SIGKILL, "the build finished before it could be killed"
-    gallery = Gallery(photos, tmp_path / "indexes" / "photos", models={"resnet50": str(tiny_resnet)})
+    gallery = Gallery(photos, index_dir_seen_from(tmp_path, photos), models={"resnet50": str(tiny_resnet)})
     assert len(gallery.open("resnet50").items) == 6
     assert gallery.search(photos / "img000.jpg", "resnet50", k=1)[0].path == "img000.jpg"
     [report] = gallery.index(["resnet50"], progress=False)  # and the next run completes the job
@@ -108,7 +108,8 @@ def test_two_concurrent_index_runs_do_not_corrupt_each_other(tmp_path, tiny_resn
     runs = [_lens("index", "photos", *model, cwd=tmp_path) for _ in range(2)]
     for run in runs:
         assert run.wait(timeout=300) == 0, run.stderr.read()
-    gallery = Gallery(tmp_path / "photos", tmp_path / "indexes" / "photos", models={"resnet50": str(tiny_resnet)})
+    gallery = Gallery(tmp_path / "photos", index_dir_seen_from(tmp_path, tmp_path / "photos"),
+                      models={"resnet50": str(tiny_resnet)})
     stored = gallery.open("resnet50")  # verifies every checksum
     assert len(stored.items) == 40 and len(stored.index) == 40
     builds = [p for p in (gallery.index_dir / "resnet50").iterdir() if p.name.startswith(("build-", ".staging"))]

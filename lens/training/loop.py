@@ -118,7 +118,8 @@ def training_data(root: str | Path, labels: str = "auto") -> TrainingData:
     classes = sorted(set(names)) if names else []
     number = {name: i for i, name in enumerate(classes)}
     numbers = np.array([number[n] for n in names], dtype=np.int64) if names else None
-    digest = hashlib.sha256(json.dumps([[i.path, i.size, i.mtime_ns] for i in items]).encode())
+    # a file rewritten in place with its size and mtime kept still changes ctime (see lens.store.Item)
+    digest = hashlib.sha256(json.dumps([[i.path, i.size, i.mtime_ns, i.ctime_ns, i.inode] for i in items]).encode())
     digest.update(json.dumps(names).encode())
     return TrainingData(root, paths, numbers, classes, source, "sha256:" + digest.hexdigest()[:16])
 
