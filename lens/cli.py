@@ -128,12 +128,12 @@ def _run_search(args: argparse.Namespace) -> int:
 
     if args.query is None and args.text is None:
         raise LensError("give a QUERY_IMAGE, --text WORDS, or both")
+    if args.query is None and (args.box or args.detect):
+        raise LensError("--box and --detect choose a region of a QUERY_IMAGE: give one")
     query = load_image(args.query) if args.query is not None else None  # a bad query or box fails here,
     box = _parse_box(args.box, query.size if query is not None else None)  # before any model loads
     gallery = _gallery(args)
     if args.detect:
-        if query is None:
-            raise LensError("--detect needs a QUERY_IMAGE")
         return _search_detected(args, gallery, query)
     words = {"text": args.text, "text_weight": args.text_weight} if args.text is not None else {}
     results = gallery.search(query, args.method, k=args.k, box=box, rerank=args.rerank, **words)
