@@ -280,6 +280,9 @@ def _eval_parser(sub: argparse._SubParsersAction) -> Handler:
     parser.add_argument("--methods", default="all",
                         help="comma-separated methods, or 'all' (every registered method; those that "
                              "cannot load here are reported as failed)")
+    parser.add_argument("--distractors", metavar="DIR[,DIR...]",
+                        help="add every image under these folders to the gallery, relevant to no query "
+                             "(measuring at scale, like Holidays + Flickr100k)")
     parser.add_argument("--index", dest="index_spec", metavar="SPEC", help="index backend spec for every method")
     parser.add_argument("--top", type=int, help="score only the top N results (default: the full ranking)")
     parser.add_argument("--detect", action="store_true",
@@ -302,9 +305,10 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from lens.evaluation.datasets import load_dataset
-    from lens.evaluation.evaluate import MethodResult, environment, evaluate_method, load_queries, prepare_trained
-    from lens.gallery import Gallery
+    from lens.evaluation.datasets import distractor_files, load_dataset
+    from lens.evaluation.evaluate import (
+        MethodResult, environment, eval_gallery, evaluate_method, load_queries, prepare_trained,
+    )
     from lens.methods import list_methods
     from lens.evaluation.report import text_table, write_report
 
@@ -312,26 +316,28 @@ def _run_eval(args: argparse.Namespace) -> int:
     methods = ([m for m in list_methods() if ":" not in m] if args.methods == "all"
                else [m.strip() for m in args.methods.split(",") if m.strip()])
     out = Path(args.out) if args.out else Path("eval") / dataset.name
-    print(dataset.describe())
-    crop = None
+    folders = [f.strip() for f in (args.distractors or "").split(",") if f.strip()]
+    distractors = distractor_files(folders, dataset)
+    per_folder = {folder: sum(1 for key in distractors if key.split("/")[1] == str(n))
+                  for n, folder in enumerate(folders, 1)}
+    print(dataset.describe() + (f"; + {len(distractors)} distractors" if folders else ""))
+    detect, margin = None, 0.0
     if args.detect:
         from lens.detect import DEFAULT_MARGIN, main_subject
-        from lens.images import crop as crop_region
 
-        detector = _detector(args)
+        detector, margin = _detector(args), DEFAULT_MARGIN
 
-        def crop(picture):
-            return crop_region(picture, main_subject(detector.detect(picture), picture.size), DEFAULT_MARGIN)
+        def detect(picture):
+            return main_subject(detector.detect(picture), picture.size)
 
-    pictures = load_queries(dataset, crop)
-    gallery = Gallery(dataset.gallery_root, out / "indexes", models=parse_models(args.model),
-                      models_dir=out / "models")
+    queries = load_queries(dataset, detect, margin)
+    gallery = eval_gallery(dataset, out, distractors=distractors, models=parse_models(args.model))
     results = []
     with logging_redirect_tqdm():
         for method in methods:
             try:
                 seen = prepare_trained(gallery, dataset, method, backbone=args.backbone, seed=args.seed)
-                results.append(evaluate_method(gallery, dataset, method, pictures, top=args.top,
+                results.append(evaluate_method(gallery, dataset, method, queries, top=args.top,
                                                index_spec=args.index_spec, batch_size=args.batch_size,
                                                data_seen=seen))
             except LensError as exc:
@@ -340,9 +346,12 @@ def _run_eval(args: argparse.Namespace) -> int:
     print(text_table(results))
     config = {"methods": methods, "top": args.top, "backbone": args.backbone, "index": args.index_spec, "detect": args.detect,
               "detector": args.detector if args.detect else None, "max_queries": args.max_queries,
-              "seed": args.seed, "batch_size": args.batch_size, "models": parse_models(args.model)}
+              "seed": args.seed, "batch_size": args.batch_size, "models": parse_models(args.model),
+              "distractors": per_folder}
     command = "lens " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    report = write_report(results, dataset, out, config, environment(), command)
+    report = write_report(results, dataset, out, config, environment(), command,
+                          gallery_files=gallery.files,
+                          typed_dataset=args.dataset)
     print(f"report: {report}")
     return 0
 

@@ -28,8 +28,8 @@ from typing import Any
 
 from lens.errors import CorruptIndexError, IndexNotFoundError, LensError
 from lens.images import IMAGE_EXTENSIONS, ImageSource
-from lens.indexing import IndexReport, build_index, scan
-from lens.methods import Method, create_method, is_trained, method_slug
+from lens.indexing import IndexReport, build_index, scan, scan_files
+from lens.methods import Method, check_spec, create_method, is_trained, method_slug
 from lens.search import TEXT_WEIGHT, query_picture, search_pictures, search_text
 from lens.store import Item, StoredIndex, live_build, open_build, read_manifest, reading
 from lens.types import SCORE_LABELS, LearnsFromGallery, Region, Rerank, SearchResult
@@ -60,6 +60,12 @@ class Gallery:
     ``index_dir`` defaults to :func:`default_index_dir` (relative to the working directory); every
     build records the resolved root it indexes, and an index built for another root is refused for
     searching (:class:`~lens.errors.IndexMismatchError`) and rebuilt by :meth:`index`.
+
+    ``files`` (optional) makes the gallery an explicit list instead: {id: file}, each file once, ids
+    chosen by the caller (usually paths relative to ``root``; a file may lie outside ``root``). Exactly
+    those files are indexed and nothing is scanned (``lens eval``: a dataset's gallery plus distractors).
+    ``learn_from`` (optional): the ids that methods learning from the gallery (SIFT's vocabulary) are
+    fitted on; default every image.
     """
 
     def __init__(
@@ -69,6 +75,8 @@ class Gallery:
         *,
         models: Mapping[str, str] | None = None,
         models_dir: str | Path | None = None,
+        files: Mapping[str, str | Path] | None = None,
+        learn_from: Iterable[str] | None = None,
     ):
         self.root = Path(root)
         if not self.root.is_dir():
@@ -80,6 +88,9 @@ class Gallery:
         self.models = dict(models or {})  #: method name -> hub id or local path replacing its default
         #: where ``lens train`` puts this gallery's trained models, one folder per method
         self.models_dir = Path(models_dir) if models_dir else Path("models") / self.name
+        #: the explicit gallery, id -> file; None: every image below ``root``, id = its relative path
+        self.files = {str(key): Path(file) for key, file in files.items()} if files is not None else None
+        self.learn_from = set(learn_from) if learn_from is not None else None
         #: spec -> (live index, the method fitted to it, the base method it was made from)
         self._opened: dict[str, tuple[StoredIndex, Method, Method]] = {}
         self._lock = threading.Lock()  # guards the two dicts
@@ -129,10 +140,21 @@ class Gallery:
         """The live build's manifest of ``spec`` (see :mod:`lens.store`), or None before the first build."""
         return read_manifest(self.method_dir(spec))
 
+    def file(self, path: str) -> Path:
+        """Where the gallery image with id ``path`` is on disk."""
+        if self.files is not None and path in self.files:
+            return self.files[path]
+        return self.root / path
+
     # -- indexing --------------------------------------------------------------------------------
     def scan(self, skipped: list[tuple[str, str]] | None = None) -> list[Item]:
         """Every image file below the root (the index folder excluded): see :func:`lens.indexing.scan`;
-        links that cannot be followed are appended to ``skipped`` as (path, reason)."""
+        links that cannot be followed are appended to ``skipped`` as (path, reason).
+
+        For an explicit gallery (``files=``): exactly its files, in the order given.
+        """
+        if self.files is not None:
+            return scan_files(self.files)
         return scan(self.root, exclude=(self.index_dir,), skipped=skipped)
 
     def index(
@@ -159,7 +181,8 @@ class Gallery:
         for spec in methods:
             report = build_index(self.root, self.method_dir(spec), spec, self._base_method(spec), items,
                                  index_spec=index_spec, batch_size=batch_size, workers=workers,
-                                 progress=progress, on_progress=on_progress, gallery_root=self.root_id)
+                                 progress=progress, on_progress=on_progress, gallery_root=self.root_id,
+                                 files=self.files, learn_from=self.learn_from)
             report.skipped[:0] = scan_skipped
             reports.append(report)
         return reports
@@ -177,6 +200,7 @@ class Gallery:
         """
         method_dir = self.method_dir(spec)
         if live_build(method_dir) is None:
+            check_spec(spec)  # a mistyped name is "unknown method", not "index it"
             raise IndexNotFoundError(self._not_indexed(spec))
         base = self._base_method(spec)
         with self._lock:
@@ -256,4 +280,4 @@ class Gallery:
         boxes = list(boxes) if boxes is not None else [None] * len(images)
         stored, searcher, _ = self._open(method)
         pictures = [query_picture(image, box, margin) for image, box in zip(images, boxes)]
-        return search_pictures(stored, searcher, pictures, self.root, k, rerank)
+        return search_pictures(stored, searcher, pictures, self.root, k, rerank, files=self.files)

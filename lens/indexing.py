@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,21 @@ def scan(root: Path, exclude: tuple[Path, ...] = (), skipped: list[tuple[str, st
     return items
 
 
+def scan_files(files: Mapping[str, Path]) -> list[Item]:
+    """The images of an explicit gallery ({id: file}, in that order), with their size and mtime in ns.
+
+    Raises :class:`LensError` for a file that cannot be read.
+    """
+    items = []
+    for key, file in files.items():
+        try:
+            stat = Path(file).stat()
+        except OSError as exc:
+            raise LensError(f"gallery image '{file}' cannot be read: {exc.strerror or exc}") from exc
+        items.append(Item(key, stat.st_size, stat.st_mtime_ns))
+    return items
+
+
 def build_index(
     root: Path,
     method_dir: Path,
@@ -91,6 +106,8 @@ def build_index(
     progress: bool = True,
     on_progress: Callable[[str, int, int], None] | None = None,
     gallery_root: str | None = None,
+    files: Mapping[str, Path] | None = None,
+    learn_from: Collection[str] | None = None,
 ) -> IndexReport:
     """Build or refresh ``method_dir``'s index of the gallery ``root`` with the method ``base``.
 
@@ -105,12 +122,17 @@ def build_index(
     call) defaults to 8 on CPU and 32 on a GPU; ``workers`` decode in parallel; ``on_progress(spec,
     done, total)`` reports each batch. ``gallery_root`` (the resolved root, an OS path) is recorded in
     the build; a live build made for another root is rebuilt for this one (with a warning naming
-    both). Raises :class:`LensError` when none of the images can be read.
+    both). ``files``: where images are whose file is not ``root / id`` (an explicit gallery,
+    :func:`scan_files`). ``learn_from``: the ids a method that learns from the gallery is fitted on
+    (default: every item). Raises :class:`LensError` when none of the images can be read.
     """
+    files = files or {}
     started = time.perf_counter()
     method_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(method_dir / ".lock")):
-        method, restored = _method_to_index(root, method_dir, spec, base, items)
+        learning = [item for item in items if learn_from is None or item.path in learn_from]
+        method, restored = _method_to_index(method_dir, spec, base,
+                                            [files.get(item.path, root / item.path) for item in learning])
         info = method.info
         keeps_items = isinstance(method, LearnsFromGallery)
         cached, previous_vectors, previous_spec = _cached_vectors(method_dir, method, gallery_root)
@@ -119,17 +141,16 @@ def build_index(
         fresh = [item for item in items if item not in cached]
         batch_size = batch_size or default_batch_size(method)
         embed_started = time.perf_counter()
+        by_file = {files.get(item.path, root / item.path): item.path for item in fresh}
         embedded = embed_files(
-            method, [root / item.path for item in fresh],
+            method, list(by_file),
             batch_size=batch_size, workers=workers, progress=progress, desc=spec,
             on_progress=(lambda done, total: on_progress(spec, done, total)) if on_progress else None,
             keep_prepared=keeps_items,
         )
         embed_seconds = time.perf_counter() - embed_started
         by_path = {item.path: item for item in fresh}
-        new_rows = {
-            path.relative_to(root).as_posix(): row for row, path in enumerate(embedded.paths)
-        }
+        new_rows = {by_file[path]: row for row, path in enumerate(embedded.paths)}
         kept: list[Item] = []
         rows: list[np.ndarray] = []
         per_item: list[Any] = []  # prepare() outputs kept in the build, for LearnsFromGallery
@@ -151,7 +172,7 @@ def build_index(
         chosen = index_spec or previous_spec
         index = create_index(chosen or default_index(len(vectors), info.metric), info.dim, info.metric)
         index.build(vectors)
-        skipped = [(p.relative_to(root).as_posix(), why) for p, why in embedded.skipped]
+        skipped = [(by_file[p], why) for p, why in embedded.skipped]
         folder = publish(
             method_dir, info, kept, vectors, index,
             build={
@@ -170,12 +191,12 @@ def build_index(
         time.perf_counter() - started, embed_seconds, skipped,
     )
 
-def _method_to_index(root: Path, method_dir: Path, spec: str, base: Method, items: list[Item]
+def _method_to_index(method_dir: Path, spec: str, base: Method, learn_from: list[Path]
                      ) -> tuple[Method, bool]:
     """The method to embed the gallery with, and whether it was restored from the live build.
 
     A method that learns from the gallery keeps what the live build learned (so unchanged
-    images keep their vectors), or, without a usable one, is fitted on the gallery's images.
+    images keep their vectors), or, without a usable one, is fitted on the ``learn_from`` images.
     """
     if not isinstance(base, LearnsFromGallery):
         return base, False
@@ -185,7 +206,7 @@ def _method_to_index(root: Path, method_dir: Path, spec: str, base: Method, item
             return base.load_state(build), True
         except LensError as exc:
             log.warning("%s: cannot reuse what the last build learned (%s); learning it again", spec, exc)
-    return base.fit([root / item.path for item in items]), False
+    return base.fit(learn_from), False
 
 def _cached_vectors(
     method_dir: Path, method: Method, gallery_root: str | None = None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -45,11 +45,14 @@ def search_pictures(
     root: Path,
     k: int = 10,
     rerank: Rerank = None,
+    *,
+    files: Mapping[str, Path] | None = None,
 ) -> list[list[SearchResult]]:
     """The ``k`` best gallery images for each picture (one list per picture, best first).
 
     ``stored``: the opened index; ``searcher``: the method it was built with (fitted to it when it
-    learns from the gallery); ``root``: the gallery folder (results' ``file`` = root / path).
+    learns from the gallery); ``root``: the gallery folder (results' ``file`` = root / path, or
+    ``files[path]`` for an explicit gallery's images).
     The pictures are embedded in one batch, ``(n, dim)``. ``rerank``: how many index candidates (at
     least ``k``) to re-rank, by the method's own check when it has one (SIFT: RANSAC-verified
     matches; scores are then inlier counts), else exactly with the stored vectors; ``"all"`` compares
@@ -58,6 +61,11 @@ def search_pictures(
     ``faiss:PQ32:rerank=100``), else 0. Raises :class:`LensError` for a bad ``rerank``.
     Results whose file was deleted since the index was built are left out (:func:`on_disk`).
     """
+    files = files or {}
+
+    def file(path: str) -> Path:
+        return files.get(path) or root / path
+
     prepared = [searcher.prepare(picture) for picture in pictures]
     vectors = searcher.embed_prepared(prepared)
     count, kind = rerank_count(rerank, stored, searcher), stored.index.metric
@@ -72,7 +80,7 @@ def search_pictures(
         reranked = [searcher.rerank(item, row[:count], min(k, count)) for item, row in zip(prepared, ids)]
         tails = [(row_ids[count:k], row_scores[count:k]) for row_ids, row_scores in zip(ids, scores)]
         return on_disk([
-            [SearchResult(rank + 1, stored.items[i].path, float(score), root / stored.items[i].path,
+            [SearchResult(rank + 1, stored.items[i].path, float(score), file(stored.items[i].path),
                           searcher.score_kind if rank < len(top_ids) else stored.index.metric)
              for rank, (i, score) in enumerate(zip([*top_ids, *tail_ids], [*top_scores, *tail_scores]))
              if i >= 0]
@@ -92,7 +100,7 @@ def _ranked(stored: StoredIndex, vectors: np.ndarray, ids: np.ndarray, scores: n
         ranked = [(row_ids[:k], row_scores[:k]) for row_ids, row_scores in zip(ids, scores)]
     return on_disk([
         [
-            SearchResult(rank + 1, stored.items[i].path, float(score), root / stored.items[i].path,
+            SearchResult(rank + 1, stored.items[i].path, float(score), file(stored.items[i].path),
                          kind)
             for rank, (i, score) in enumerate(zip(row_ids, row_scores))
             if i >= 0

@@ -15,7 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -118,17 +118,33 @@ class LensService:
             else:
                 self._set(method, "missing",
                           f"no index: build it with `lens index {self.gallery.root} --methods {method}`")
-        for method in missing if build_missing else []:
-            self._set(method, "building", "loading the model")
-            try:
-                self.gallery.index(
-                    [method], progress=False,
-                    on_progress=lambda m, done, total: self._set(m, "building", f"indexing {done}/{total}"),
-                )
-                self._set(method, "ready", f"{len(self.gallery.open(method).items)} images")
-            except Exception as exc:
-                log.warning("cannot build the %s index: %s", method, exc)
-                self._set(method, "failed", str(exc))
+        if build_missing and missing:
+            self._build(missing)
+
+    def _build(self, missing: list[str]) -> None:
+        """Build the missing indexes one at a time, in the order their models finish loading.
+
+        Every model loads at once on its own thread (a hub download waits on the network, not the
+        CPU), so a method that needs no download (phash, sift) is built and serves at once instead
+        of queueing behind one whose download is slow or, offline, fails only after the hub's retries.
+        """
+        for method in missing:
+            self._set(method, "queued", "loading the model")
+        with ThreadPoolExecutor(max_workers=len(missing), thread_name_prefix="lens-load") as pool:
+            loads = {pool.submit(self.gallery.method, method): method for method in missing}
+            for done in as_completed(loads):
+                method = loads[done]
+                try:
+                    done.result()
+                    self._set(method, "building", "indexing")
+                    self.gallery.index(
+                        [method], progress=False,
+                        on_progress=lambda m, n, total: self._set(m, "building", f"indexing {n}/{total}"),
+                    )
+                    self._set(method, "ready", f"{len(self.gallery.open(method).items)} images")
+                except Exception as exc:
+                    log.warning("cannot build the %s index: %s", method, exc)
+                    self._set(method, "failed", str(exc))
 
     def _open_existing(self, method: str) -> bool:
         """Open ``method``'s index if it has a usable one; False when it needs building."""

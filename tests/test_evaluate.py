@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
-from conftest import make_picture
+from conftest import make_picture, write_gallery
+from PIL import Image, ImageDraw, ImageOps
 from test_cli import lens
 
-from lens.evaluation.datasets import load_dataset
+from lens.evaluation.datasets import DISTRACTOR_PREFIX, distractor_files, load_dataset
+from lens.evaluation.evaluate import eval_gallery, evaluate_method, load_queries
+from lens.evaluation.metrics import average_precision, hit_at_k
+from lens.gallery import Gallery
 
 
 def _class_folders(root, splits=("train", "test"), per_class=(4, 2)):
@@ -86,7 +93,156 @@ def test_eval_trains_trainable_methods_on_the_training_split_only(tmp_path):
     results = json.loads((tmp_path / "eval" / "shapes" / "results.json").read_text())
     [method] = results["methods"]
     assert method["error"] is None and 0.0 <= method["map"] <= 1.0
-    assert f"trained on 12 images of {(tmp_path / 'shapes' / 'train').resolve()}" in method["data_seen"]
+    assert "trained on 12 images: the dataset's 12 gallery images in shapes/train" in method["data_seen"]
     manifest = json.loads((tmp_path / "eval" / "shapes" / "models" / "autoencoder" / "manifest.json").read_text())
     assert manifest["data"]["images"] == 12  # the 6 test images were never seen
     assert "trained on 12 images" in (tmp_path / "eval" / "shapes" / "report.md").read_text()
+
+
+# -- the gallery is exactly the dataset's gallery (issue #15) ----------------------------------------
+def _textured(seed: int, size: tuple[int, int] = (192, 144)) -> Image.Image:
+    """A picture with many shapes and some noise: corners and blobs enough for SIFT keypoints."""
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", size, tuple(int(c) for c in rng.integers(0, 256, 3)))
+    draw = ImageDraw.Draw(image)
+    for _ in range(30):
+        x1, y1 = int(rng.integers(0, size[0] - 10)), int(rng.integers(0, size[1] - 10))
+        x2, y2 = x1 + int(rng.integers(6, 40)), y1 + int(rng.integers(6, 40))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.rectangle if rng.random() < 0.5 else draw.ellipse)((x1, y1, x2, y2), fill=colour)
+    noise = rng.integers(-12, 13, (size[1], size[0], 3))
+    return Image.fromarray(np.clip(np.asarray(image, np.int16) + noise, 0, 255).astype(np.uint8))
+
+
+def _flipped_copies_dataset(root: Path, count: int = 20) -> Path:
+    """The issue's reproduction: images/gallery/ (count photos), images/queries/ (a flipped copy of each),
+    groundtruth.json listing the gallery and mapping each copy to its original."""
+    for folder in ("gallery", "queries"):
+        (root / "images" / folder).mkdir(parents=True)
+    truth = {"gallery": [], "queries": {}}
+    for i in range(count):
+        picture = _textured(i)
+        picture.save(root / "images" / "gallery" / f"{i:02d}.png")
+        ImageOps.mirror(picture).save(root / "images" / "queries" / f"{i:02d}.png")
+        truth["gallery"].append(f"gallery/{i:02d}.png")
+        truth["queries"][f"queries/{i:02d}.png"] = [f"gallery/{i:02d}.png"]
+    (root / "groundtruth.json").write_text(json.dumps(truth))
+    return root
+
+
+def _scores_of_gallery_alone(folder: Path, queries: list[Path], method: str, models: dict[str, str]) -> dict:
+    """mAP and R@k of indexing ``folder`` alone with lens.Gallery and searching it with each query."""
+    gallery = Gallery(folder, folder.parent / "alone-indexes", models=models)
+    gallery.index([method], progress=False)
+    size = len(gallery.open(method).items)
+    aps, hits = [], {k: [] for k in (1, 5, 10)}
+    for query in queries:
+        results = gallery.search(query, method, k=size)
+        relevant = [r.path == query.name for r in results]
+        scores = [r.score for r in results]
+        aps.append(average_precision(relevant, scores, 1))
+        for k in hits:
+            hits[k].append(hit_at_k(relevant, scores, k))
+    return {"map": float(np.mean(aps)), **{str(k): float(np.mean(v)) for k, v in hits.items()}}, gallery
+
+
+@pytest.mark.parametrize("method", ["deep", "sift"])
+def test_eval_scores_exactly_the_datasets_gallery(tmp_path, tiny_resnet, method):
+    data = _flipped_copies_dataset(tmp_path / "flips")
+    spec = f"hf:{tiny_resnet}" if method == "deep" else "sift"
+    done = lens("eval", "flips", "--methods", spec, "--out", "report", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    results = json.loads((tmp_path / "report" / "results.json").read_text())
+    [measured] = results["methods"]
+    assert measured["error"] is None and measured["queries_scored"] == 20
+    assert results["gallery"] == {"dataset_images": 20, "distractors": 0, "indexed": 20}
+    # the eval's index holds the 20 gallery images and nothing else (not the 20 queries beside them)
+    evaluated = Gallery(data / "images", tmp_path / "report" / "indexes")
+    assert sorted(item.path for item in evaluated.open(spec).items) == [f"gallery/{i:02d}.png" for i in range(20)]
+    alone, gallery = _scores_of_gallery_alone(data / "images" / "gallery", sorted((data / "images" / "queries").iterdir()),
+                                              spec, {})
+    assert measured["map"] == pytest.approx(alone["map"], abs=1e-9)
+    assert {k: measured["recall"][k] for k in ("1", "5", "10")} == pytest.approx(
+        {k: alone[k] for k in ("1", "5", "10")}, abs=1e-9)
+    if method == "sift":  # the visual vocabulary was learned from the 20 gallery images only
+        np.testing.assert_array_equal(evaluated.method("sift").vocabulary, gallery.method("sift").vocabulary)
+        assert "fitted on the dataset's 20 gallery images" in measured["data_seen"]
+        report = (tmp_path / "report" / "report.md").read_text()
+        assert "sift: RANSAC-verified keypoint matches (inliers)" in report and "sift: cosine" not in report
+    else:  # a hf: path is named by its folder in the table, the full spec in a footnote
+        report = (tmp_path / "report" / "report.md").read_text()
+        written = f"hf:{os.path.relpath(tiny_resnet, tmp_path)}"  # no absolute path in the report
+        assert f"| {tiny_resnet.name} |" in report and f"- `{tiny_resnet.name}` = `{written}`" in report
+
+
+def test_trained_methods_learn_only_from_the_gallery_list(tmp_path):
+    _flipped_copies_dataset(tmp_path / "flips", count=4)
+    done = lens("eval", "flips", "--methods", "autoencoder", "--out", "report", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((tmp_path / "report" / "models" / "autoencoder" / "manifest.json").read_text())
+    assert manifest["data"]["images"] == 4 and manifest["data"]["labels"] == "none"  # never the 4 queries
+    [measured] = json.loads((tmp_path / "report" / "results.json").read_text())["methods"]
+    assert "trained on 4 images: the dataset's 4 gallery images in flips/images" in measured["data_seen"]
+
+
+def test_distractors_join_the_gallery_and_are_never_relevant(tmp_path, tiny_resnet):
+    data = _flipped_copies_dataset(tmp_path / "flips", count=8)
+    extra = tmp_path / "extra"
+    (extra / "nested").mkdir(parents=True)
+    for i in range(5):  # exact copies of gallery images: as similar as can be, and still not relevant
+        shutil.copy(data / "images" / "gallery" / f"{i:02d}.png", extra / ("nested" if i % 2 else "") / f"{i}.png")
+    more = tmp_path / "more"
+    write_gallery(more, 4, start_seed=50)
+    (more / "notes.txt").write_text("not an image")
+    dataset = load_dataset(data)
+    distractors = distractor_files([extra, more], dataset)
+    assert len(distractors) == 9 and not set(distractors) & set(dataset.gallery)
+    assert all(key.startswith(DISTRACTOR_PREFIX) for key in distractors)
+    gallery = eval_gallery(dataset, tmp_path / "work", distractors=distractors,
+                           models={"resnet50": str(tiny_resnet)})
+    queries = load_queries(dataset)
+    result = evaluate_method(gallery, dataset, "resnet50", queries)
+    assert len(gallery.open("resnet50").items) == 8 + 9
+    for ranking in result.rankings:
+        assert len(ranking.relevant) == 17 and ranking.relevant.sum() == 1 and ranking.n_relevant == 1
+        assert not any(r for i, r in zip(ranking.ids, ranking.relevant) if i.startswith(DISTRACTOR_PREFIX))
+    # through the CLI: counted in the report, no absolute path of this machine in what is written
+    done = lens("eval", "flips", "--methods", "resnet50", "--model", f"resnet50={tiny_resnet}",
+                "--distractors", "extra,more", "--out", "report", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    results = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert results["gallery"] == {"dataset_images": 8, "distractors": 9, "indexed": 17}
+    assert results["config"]["distractors"] == {"extra": 5, "more": 4}
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "17 images = the dataset's 8 gallery images + 9 distractors (5 in `extra`, 4 in `more`)" in report
+    for text in (report, (tmp_path / "report" / "results.json").read_text()):
+        assert str(tmp_path) not in text and str(tmp_path.resolve()) not in text
+
+
+def test_distractors_bad_folders_are_refused(tmp_path):
+    _flipped_copies_dataset(tmp_path / "flips", count=3)
+    (tmp_path / "empty").mkdir()
+    for folder, message in (("missing", "distractor folder 'missing' does not exist"),
+                            ("empty", "no images found in distractor folder 'empty'"),
+                            ("flips/images/gallery", "holds images of the dataset itself")):
+        done = lens("eval", "flips", "--methods", "phash", "--distractors", folder, cwd=tmp_path)
+        assert done.returncode != 0 and message in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+
+
+def test_report_names_methods_short_and_writes_no_absolute_paths(tmp_path, monkeypatch):
+    from lens.evaluation.report import portable, short_names
+
+    names = short_names(["phash", "hf:../weights/efficientnet_lite0.in1k/", "hf:facebook/dinov2-base",
+                         "siamese:models/x/siamese", "hf:a/same", "hf:b/same"])
+    assert names == {"phash": "phash", "hf:../weights/efficientnet_lite0.in1k/": "efficientnet_lite0.in1k",
+                     "hf:facebook/dinov2-base": "dinov2-base", "siamese:models/x/siamese": "siamese:siamese",
+                     "hf:a/same": "hf:a/same", "hf:b/same": "hf:b/same"}  # a shared short name: full specs
+    (tmp_path / "work").mkdir()
+    (tmp_path / "data" / "set" / "images").mkdir(parents=True)
+    (tmp_path / "weights").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    text = (f"gallery {tmp_path}/data/set/images; model hf:{tmp_path}/weights, "
+            f"out {tmp_path}/work/eval; R@1/5/10, 1 - distance / bits, /no/such/path")
+    assert portable(text, "../data/set") == ("gallery ../data/set/images; model hf:../weights, out eval; "
+                                            "R@1/5/10, 1 - distance / bits, /no/such/path")

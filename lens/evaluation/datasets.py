@@ -6,12 +6,22 @@
 2. A folder with ``images/`` and ``groundtruth.json`` = ``{"gallery": [relpath, ...] (optional),
    "queries": {relpath: [relevant relpath, ...]}}``, paths relative to ``images/``; without "gallery",
    the gallery is every image. A query never counts itself: it is removed from its own ranking.
+
+Whatever the layout, exactly the dataset's gallery is indexed (never the other images of its folder),
+and trainable or fitted methods learn only from the gallery images, never from queries that are not
+in it: ``train/`` of a split dataset (with its class labels), the ``"gallery"`` list of a
+groundtruth.json dataset (without labels), every image of a leave-one-out dataset (without labels:
+the queries are among them).
+
+Distractors (:func:`distractor_files`) are extra gallery images from other folders, relevant to no
+query, for measuring at scale (Holidays + Flickr100k, Oxford + 1M in the literature).
 """
 
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,18 +29,23 @@ from lens.errors import LensError
 from lens.images import iter_image_files
 
 SPLITS = ("train", "validation", "test")
+#: gallery ids of distractors start with this (no dataset id can: those are paths below images/)
+DISTRACTOR_PREFIX = "~distractors/"
 
 
 @dataclass
 class Dataset:
     name: str
-    gallery_root: Path  #: the folder indexed as the gallery
-    gallery: list[str]  #: gallery image ids (paths relative to gallery_root)
+    gallery_root: Path  #: the folder the gallery's images are in
+    #: gallery image ids (paths relative to gallery_root), in the folder's scan order: exactly what is
+    #: indexed, and what trainable methods learn from
+    gallery: list[str]
     queries: list[Path]  #: query image files
     relevant: dict[Path, set[str]]  #: query -> relevant gallery ids
     exclude: dict[Path, str] = field(default_factory=dict)  #: query -> its own gallery id, left out
     kind: str = ""  #: "class folders (train/test)", "class folders (leave-one-out)", "groundtruth.json"
-    train_root: Path | None = None  #: what trainable methods may learn from
+    train_root: Path | None = None  #: the folder of the training images (the gallery's images)
+    train_labels: str = "none"  #: labels trainable methods may use: "auto" (class folders) or "none"
     labels: dict[str, str] = field(default_factory=dict)  #: gallery id -> class, when classes exist
 
     def describe(self) -> str:
@@ -76,10 +91,11 @@ def _groundtruth_dataset(folder: Path) -> Dataset:
     except (OSError, ValueError, KeyError) as exc:
         raise LensError(f"cannot read {folder / 'groundtruth.json'}: {exc}") from exc
     everything = [p.relative_to(images).as_posix() for p in iter_image_files(images)]
-    gallery = list(truth.get("gallery") or everything)
-    missing = sorted(set(gallery) - set(everything))
+    listed = set(truth.get("gallery") or everything)
+    missing = sorted(listed - set(everything))
     if missing:
         raise LensError(f"{len(missing)} gallery images of groundtruth.json are not in {images}, e.g. {missing[0]}")
+    gallery = [p for p in everything if p in listed]  # the scan order: as if the gallery were a folder
     in_gallery = set(gallery)
     paths = [images / q for q in queries]
     return Dataset(
@@ -103,7 +119,7 @@ def _split_dataset(folder: Path) -> Dataset:
         name=folder.name, gallery_root=train, gallery=sorted(labels), queries=queries,
         relevant={query_root / rel: by_class.get(label, set()) for rel, label in query_labels.items()},
         kind=f"class folders (queries: {query_root.name}/, gallery: train/)", train_root=train,
-        labels=labels,
+        labels=labels, train_labels="auto",
     )
 
 
@@ -124,3 +140,37 @@ def _leave_one_out_dataset(folder: Path) -> Dataset:
         exclude={folder / rel: rel for rel in labels},
         kind="class folders (leave-one-out)", train_root=folder, labels=labels,
     )
+
+
+def distractor_files(folders: Sequence[str | Path], dataset: Dataset) -> dict[str, Path]:
+    """Every image below ``folders`` as extra gallery images: {gallery id: file}, in scan order.
+
+    Ids are ``~distractors/<n>/<path relative to folder n>`` (n = the folder's position, from 1), so
+    they never collide with the dataset's ids. A file listed twice (nested or repeated folders) counts
+    once. Raises LensError for a folder that does not exist, holds no image, or holds images of the
+    dataset itself (they would count as irrelevant copies of relevant images).
+    """
+    clash = next((g for g in dataset.gallery if g.startswith(DISTRACTOR_PREFIX)), None)
+    if clash:
+        raise LensError(f"the dataset's image '{clash}' has the name distractors get ({DISTRACTOR_PREFIX}...); "
+                        "rename its folder to add distractors")
+    dataset_files = {(dataset.gallery_root / g).resolve() for g in dataset.gallery}
+    dataset_files |= {q.resolve() for q in dataset.queries}
+    files: dict[str, Path] = {}
+    seen: set[Path] = set()
+    for number, folder in enumerate(map(Path, folders), 1):
+        if not folder.is_dir():
+            raise LensError(f"distractor folder '{folder}' does not exist or is not a folder")
+        found = 0
+        for path in iter_image_files(folder):
+            resolved = path.resolve()
+            if resolved in dataset_files:
+                raise LensError(f"distractor folder '{folder}' holds images of the dataset itself, e.g. "
+                                f"'{path}'; distractors must be unrelated images")
+            found += 1
+            if resolved not in seen:
+                seen.add(resolved)
+                files[f"{DISTRACTOR_PREFIX}{number}/{path.relative_to(folder).as_posix()}"] = path
+        if not found:
+            raise LensError(f"no images found in distractor folder '{folder}'")
+    return files

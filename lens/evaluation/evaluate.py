@@ -1,9 +1,13 @@
 """``lens eval``: every method measured the same way on one labelled dataset.
 
-For each method: build (or refresh) its index over the dataset's gallery, run every query through the
-public search path exactly as a user's query runs (one query at a time, timed), and score the
-rankings (see :mod:`lens.evaluation.metrics` for the conventions). Approximate indexes are also compared with
-exact search over the stored vectors (recall@10).
+For each method: build (or refresh) its index over exactly the dataset's gallery (plus any
+distractors: extra images relevant to no query), run every query through the public search path
+exactly as a user's query runs (one query at a time, ``k = 10``, timed), rank the whole gallery for it
+(untimed) and score the rankings (see :mod:`lens.evaluation.metrics` for the conventions). Approximate
+indexes are also compared with exact search over the stored vectors (recall@10).
+
+Memory stays bounded whatever the gallery's size: gallery images are decoded batch by batch while
+indexing, and each query is decoded when it is searched; no decoded image is kept.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,24 +26,42 @@ import numpy as np
 from PIL import Image
 
 from lens.evaluation.datasets import Dataset
-from lens.gallery import SCORE_LABELS, Gallery
-from lens.images import ImageError, load_image
 from lens.evaluation.metrics import average_precision, hit_at_k, mean_or_nan
+from lens.gallery import SCORE_LABELS, Gallery
+from lens.images import ImageError, crop, load_image
+from lens.types import LearnsFromGallery, Region, Reranks
 
 log = logging.getLogger("lens")
 RECALL_KS = (1, 5, 10)
+SEARCH_K = 10  #: results per timed query (what a user asks for)
+SAMPLE_DEPTH = 10  #: gallery ids kept per ranking, for the report's sample pictures
+_EMBED_BATCH = 16  #: queries decoded and embedded together for the ANN recall check
+
+
+@dataclass(frozen=True)
+class Query:
+    """A query photo, and the region of it that is searched (its detected main subject, or all of it)."""
+
+    path: Path
+    box: Region = None  #: a Box or (x1, y1, x2, y2) in pixels; None: the whole photo
+    margin: float = 0.0  #: context around ``box``, times its width / height (:func:`lens.images.crop`)
+
+    def picture(self) -> Image.Image:
+        """The decoded query (cropped to ``box``); decoded afresh on every call, never kept."""
+        return crop(load_image(self.path), self.box, self.margin)
 
 
 @dataclass
 class Ranking:
-    """One query's ranking as scored: gallery ids best first, their scores and relevance."""
+    """One query's ranking of the whole gallery as scored, best first (the query itself left out)."""
 
-    query: str
-    ids: list[str]
-    scores: list[float]
-    relevant: list[bool]
+    query: str  #: the query's file
+    ids: list[str]  #: the first SAMPLE_DEPTH gallery ids
+    labels: list[str]  #: their scores as shown to a user (e.g. "0.912", "37 inliers")
+    scores: np.ndarray  #: float64, one per ranked gallery image (ties matter for AP)
+    relevant: np.ndarray  #: bool, one per ranked gallery image
     n_relevant: int
-    seconds: float
+    seconds: float  #: the timed search (k = SEARCH_K)
 
 
 @dataclass
@@ -79,17 +101,37 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(values, q)) if len(values) else float("nan")
 
 
-def load_queries(dataset: Dataset, detect: Callable[[Image.Image], Image.Image] | None) -> dict[Path, Image.Image]:
-    """Decode every query once (cropped to its main subject when ``detect`` is given)."""
-    pictures = {}
+def load_queries(dataset: Dataset, detect: Callable[[Image.Image], Region] | None = None,
+                 margin: float = 0.0) -> list[Query]:
+    """The dataset's readable queries (an unreadable one is skipped with a warning).
+
+    ``detect(picture)`` gives the region to search (the main subject; None: the whole photo), cropped
+    with ``margin``; it runs once per query here. Each query is decoded to check it, then let go.
+    """
+    queries = []
     for path in dataset.queries:
         try:
             picture = load_image(path)
         except ImageError as exc:
             log.warning("query skipped: %s", exc)
             continue
-        pictures[path] = detect(picture) if detect else picture
-    return pictures
+        queries.append(Query(path, detect(picture) if detect else None, margin))
+    return queries
+
+
+def eval_gallery(dataset: Dataset, work: Path, *, distractors: Mapping[str, Path] | None = None,
+                 models: Mapping[str, str] | None = None) -> Gallery:
+    """The gallery ``lens eval`` indexes: exactly the dataset's gallery images, plus ``distractors``.
+
+    Its ids are the dataset's gallery ids (paths relative to its images folder) and the distractors'
+    ids (:func:`lens.datasets.distractor_files`). Methods that learn from the gallery (SIFT's
+    vocabulary) learn from the dataset's gallery only, never from queries or distractors. Indexes go
+    to ``work/indexes``, trained models to ``work/models``.
+    """
+    files = {image: dataset.gallery_root / image for image in dataset.gallery}
+    files.update(distractors or {})
+    return Gallery(dataset.gallery_root, work / "indexes", models=models, models_dir=work / "models",
+                   files=files, learn_from=dataset.gallery)
 
 
 def exact_top(vectors: np.ndarray, queries: np.ndarray, metric: str, k: int) -> np.ndarray:
@@ -113,34 +155,45 @@ def evaluate_method(
     gallery: Gallery,
     dataset: Dataset,
     method: str,
-    pictures: dict[Path, Image.Image],
+    queries: Sequence[Query],
     *,
     top: int | None = None,
     index_spec: str | None = None,
     batch_size: int | None = None,
     data_seen: str = "nothing from this dataset (pretrained or model-free)",
 ) -> MethodResult:
+    """Index ``gallery`` with ``method``, search it with every query, and score the rankings.
+
+    Every query is searched twice: once timed as a user's search (``k = SEARCH_K``), once for the
+    ranking that is scored (the whole gallery, or its ``top`` results), with the query's own gallery
+    image left out.
+    """
     started = time.perf_counter()
     [report] = gallery.index([method], index_spec=index_spec, batch_size=batch_size, progress=True)
     build_seconds = time.perf_counter() - started
     stored = gallery.open(method)
-    info = gallery.method(method).info
-    in_gallery = set(dataset.gallery)
-    depth = top or len(in_gallery)
-    if pictures:  # warm-up: the first call pays one-off costs (lazy init, allocator) a user pays once
-        gallery.search(next(iter(pictures.values())), method, k=depth)
+    searcher = gallery.method(method)
+    info = searcher.info
+    depth = min(top or len(stored.items), len(stored.items))
     rankings, kinds = [], set()
-    for path, picture in pictures.items():
-        own = dataset.exclude.get(path)
+    for n, query in enumerate(queries):
+        picture = query.picture()
+        if n == 0:  # warm-up: the first call pays one-off costs (lazy init, allocator) a user pays once
+            gallery.search(picture, method, k=SEARCH_K)
         t0 = time.perf_counter()
-        results = gallery.search(picture, method, k=depth + (1 if own else 0))
+        gallery.search(picture, method, k=SEARCH_K)
         seconds = time.perf_counter() - t0
-        kept = [r for r in results if r.path != own and r.path in in_gallery][:depth]
-        kinds.update(r.kind for r in kept)
-        relevant = dataset.relevant[path]
+        own = dataset.exclude.get(query.path)
+        results = gallery.search(picture, method, k=depth + (1 if own else 0))
+        kept = [r for r in results if r.path != own][:depth]
+        kinds.update(r.kind for r in kept[:SAMPLE_DEPTH])
+        relevant = dataset.relevant[query.path]
         rankings.append(Ranking(
-            query=str(path), ids=[r.path for r in kept], scores=[r.score for r in kept],
-            relevant=[r.path in relevant for r in kept], n_relevant=len(relevant), seconds=seconds,
+            query=str(query.path), ids=[r.path for r in kept[:SAMPLE_DEPTH]],
+            labels=[r.score_text for r in kept[:SAMPLE_DEPTH]],
+            scores=np.fromiter((r.score for r in kept), np.float64, len(kept)),
+            relevant=np.fromiter((r.path in relevant for r in kept), bool, len(kept)),
+            n_relevant=len(relevant), seconds=seconds,
         ))
     aps = [average_precision(r.relevant, r.scores, r.n_relevant) for r in rankings]
     scored = [r for r, ap in zip(rankings, aps) if ap is not None]
@@ -156,20 +209,31 @@ def evaluate_method(
         embed_ms_per_image=1000 / report.images_per_second if report.images_per_second else float("nan"),
         build_seconds=build_seconds, index_bytes=index_bytes,
         stored_bytes=sum(v["bytes"] for v in files.values()), index_spec=stored.manifest["index"],
-        ann_recall_at_10=_ann_recall(gallery, method, list(pictures.values())),
-        model=info.model, weights=info.weights,
-        score_kind=", ".join(SCORE_LABELS.get(kind, kind) for kind in sorted(kinds)) or "–",
+        ann_recall_at_10=_ann_recall(gallery, method, queries),
+        model=info.model, weights=info.weights, score_kind=_score_kind(searcher, kinds),
         data_seen=data_seen, rankings=rankings,
     )
 
 
-def _ann_recall(gallery: Gallery, method: str, pictures: list[Image.Image], k: int = 10, sample: int = 200) -> float | None:
+def _score_kind(method: object, kinds: set[str]) -> str:
+    """What the scores of a method's top results are, in words."""
+    if isinstance(method, Reranks) and method.score_kind in kinds:
+        return (f"{SCORE_LABELS.get(method.score_kind, method.score_kind)}; only its top {method.candidates} "
+                "candidates are verified, the rest of the ranking keeps its vector index's order")
+    return ", ".join(SCORE_LABELS.get(kind, kind) for kind in sorted(kinds)) or "–"
+
+
+def _ann_recall(gallery: Gallery, method: str, queries: Sequence[Query], k: int = 10,
+                sample: int = 200) -> float | None:
     """Recall@k of the method's index against exact search over its stored vectors."""
     stored = gallery.open(method)
-    info = gallery.method(method).info
-    if info.metric not in ("cosine", "hamming") or not len(stored.items):
+    searcher = gallery.method(method)
+    info = searcher.info
+    if info.metric not in ("cosine", "hamming") or not len(stored.items) or not queries:
         return None
-    queries = gallery.method(method).embed(pictures[:sample])
+    chosen = list(queries[:sample])
+    queries = np.concatenate([searcher.embed([q.picture() for q in chosen[i : i + _EMBED_BATCH]])
+                              for i in range(0, len(chosen), _EMBED_BATCH)])
     approximate, _ = stored.index.search(queries, k)
     exact = exact_top(stored.vectors, queries, info.metric, k)
     hits = [len(set(a[a >= 0].tolist()) & set(e.tolist())) / len(e) for a, e in zip(approximate, exact)]
@@ -210,39 +274,49 @@ def environment() -> dict[str, Any]:
 
 def prepare_trained(gallery: Gallery, dataset: Dataset, method: str, *, backbone: str | None = None,
                     seed: int = 0, progress: bool = True) -> str:
-    """Train a trainable ``method`` on the dataset's training images only; say what it learnt from.
+    """Train a trainable ``method`` on what the dataset's layout allows; say what the method learnt from.
 
-    A model given with ``models=`` is used as it is; one already trained on exactly this training data
-    is reused. Leave-one-out datasets have their queries among the training images, so there the
-    model trains without labels (self-supervised) to keep the queries' labels out of it.
+    Trainable methods learn from the dataset's gallery images only (never its queries, unless they are
+    gallery images too, nor distractors): ``train/`` with its class labels for a split dataset, the
+    ``"gallery"`` list of a groundtruth.json dataset without labels, and every image without labels
+    for a leave-one-out dataset (whose queries are among them; without labels, theirs stay unknown).
+    A model given with ``models=`` is used as it is; one already trained on exactly this data is reused.
     """
     import json
     from dataclasses import replace
 
     from lens.methods import is_trained, method_slug
 
+    root = dataset.train_root or dataset.gallery_root
+    gallery_note = f"the dataset's {len(dataset.gallery)} gallery images in {root}"
     if not is_trained(method):
+        if isinstance(gallery.method(method), LearnsFromGallery):
+            return f"fitted on {gallery_note} (no labels; never the queries or distractors)"
         return "nothing from this dataset (pretrained or model-free)"
     given = method in gallery.models
     folder = Path(gallery.models[method]) if given else gallery.models_dir / method_slug(method)
-    labels = "none" if dataset.kind.startswith("class folders (leave") or dataset.train_root is None else "auto"
+    labels = "none" if method == "autoencoder" else dataset.train_labels
     manifest_path = folder / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
-    root = str(Path(dataset.train_root or dataset.gallery_root).resolve())
-    fresh = manifest is None or manifest["data"]["gallery"] != root or (
-        labels == "none" and manifest["data"]["labels"] != "none")
-    if not given and fresh:
+    if not given:
         from lens.training import get_trainer
+        from lens.training.loop import training_data
 
-        trainer = get_trainer(method)
-        given_options = {"labels": labels, "backbone": backbone}
-        options = {name: value for name, value in given_options.items() if value and trainer.accepts(name)}
-        report = trainer.train(root, folder, replace(trainer.defaults, seed=seed), progress=progress, **options)
-        manifest = report.manifest
+        wanted = training_data(root, labels, only=dataset.gallery).fingerprint
+        fresh = manifest is None or manifest["data"].get("data_fingerprint") != wanted or (
+            backbone is not None and manifest["parameters"].get("backbone", backbone) != backbone)
+        if fresh:
+            trainer = get_trainer(method)
+            given_options = {"labels": labels, "backbone": backbone}
+            options = {name: value for name, value in given_options.items() if value and trainer.accepts(name)}
+            report = trainer.train(root, folder, replace(trainer.defaults, seed=seed), progress=progress,
+                                   only=dataset.gallery, **options)
+            manifest = report.manifest
     if manifest is None:
-        return f"the model in {folder} (no manifest: unknown training data)"
+        return f"the given model {folder} (no manifest: unknown training data)"
     data = manifest["data"]
     backbone_note = manifest["parameters"].get("backbone")
-    return (f"trained on {data['images']} images of {data['gallery']} (labels: {data['labels']}"
-            + (f"; backbone {backbone_note}" if backbone_note else "")
+    source = (f"the given model {folder}, trained on {data['images']} images of '{Path(data['gallery']).name}'"
+              if given else f"trained on {data['images']} images: {gallery_note}")
+    return (f"{source} (labels: {data['labels']}" + (f"; backbone {backbone_note}" if backbone_note else "")
             + f"), {manifest['seconds']['total']:.0f} s of training on {manifest['device']}")

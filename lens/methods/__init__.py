@@ -28,6 +28,7 @@ from lens.types import BaseMethod, Method, MethodInfo, fingerprint_arrays, l2_no
 
 __all__ = [
     "BaseMethod",
+    "check_spec",
     "Method",
     "MethodInfo",
     "create_method",
@@ -104,6 +105,14 @@ def list_methods() -> list[str]:
     """Registered method names; prefixed families are shown as ``prefix:<...>``."""
     _load_families()
     return sorted(_NAMES) + [f"{p}:<id or path>" for p in sorted(_PREFIXES)]
+
+
+def check_spec(spec: str) -> None:
+    """Raise :class:`LensError` (listing the known methods) when ``spec`` names no registered method.
+
+    Cheap: nothing is loaded, so callers can refuse a mistyped name before suggesting to index it.
+    """
+    _factory(spec.strip())
 
 
 def _factory(spec: str) -> MethodFactory:

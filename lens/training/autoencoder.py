@@ -6,6 +6,7 @@ The loss is the mean squared error of the pixels (pictures randomly mirrored whi
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -44,14 +45,18 @@ def train(
     resume: bool = False,
     progress: bool = True,
     workers: int = 2,
+    only: Sequence[str] | None = None,
 ) -> TrainReport:
-    """Train an autoencoder on the images of ``gallery`` and write it to the model folder ``out``."""
+    """Train an autoencoder on the images of ``gallery`` and write it to the model folder ``out``.
+
+    ``only``: train on these images of ``gallery`` (paths relative to it) instead of all of them.
+    """
     started = time.perf_counter()
     settings, out = settings.checked(), Path(out)
     config = {"kind": KIND, "image_size": image_size, "latent_dim": latent_dim, "channels": list(CHANNELS)}
     torch.manual_seed(settings.seed)
     net = _network(config)  # checks the sizes before any image is read
-    data = training_data(gallery, labels="none")
+    data = training_data(gallery, labels="none", only=only)
     pictures, rows = load_all(data.files(), lambda image: to_pixels(image, image_size),
                               workers=workers, progress=progress, desc="reading images")
     data.keep(rows)

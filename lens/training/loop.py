@@ -80,12 +80,14 @@ class TrainingData:
         }
 
 
-def training_data(root: str | Path, labels: str = "auto") -> TrainingData:
-    """The images below ``root`` and their labels.
+def training_data(root: str | Path, labels: str = "auto", only: Sequence[str] | None = None) -> TrainingData:
+    """The images below ``root`` (or only those of ``only``, paths relative to ``root``) and their labels.
 
     ``labels``: ``auto`` (sub-folder names when every image is in a sub-folder and there are at
     least two, else a ``labels.csv`` in the gallery, else none), ``folders``, ``none``, or the path of
     a CSV file with columns ``path,label`` (paths relative to the gallery).
+    ``only`` (e.g. a dataset's gallery list, which leaves its query photos out): a listed image that is
+    not below ``root`` is a LensError.
     """
     from lens.indexing import scan
 
@@ -93,6 +95,12 @@ def training_data(root: str | Path, labels: str = "auto") -> TrainingData:
         raise LensError(f"gallery folder '{root}' does not exist or is not a folder")
     # the folder a Gallery keeps its indexes in by default (indexes/<name>, from here) is not trained on
     items = scan(Path(root), exclude=(Path("indexes") / Path(root).resolve().name,))
+    if only is not None:
+        listed = set(only)
+        missing = sorted(listed - {item.path for item in items})
+        if missing:
+            raise LensError(f"{len(missing)} training image(s) are not in '{root}', e.g. '{missing[0]}'")
+        items = [item for item in items if item.path in listed]
     if not items:
         raise LensError(f"no images found in '{root}' to train on")
     root = Path(root)

@@ -191,17 +191,19 @@ def train_branch(
     resume: bool = False,
     progress: bool = True,
     workers: int = 2,
+    only: Sequence[str] | None = None,
 ) -> TrainReport:
     """Train a ``siamese`` or ``finetune`` model on ``gallery`` and write it to the folder ``out``.
 
     ``objective``: ``contrastive``, ``classification`` (needs labels) or ``auto`` (classification
-    when the gallery has labels).
+    when the gallery has labels). ``only``: train on these images of ``gallery`` (paths relative to
+    it) instead of all of them.
     """
     started = time.perf_counter()
     settings, out = settings.checked(), Path(out)
     if unfreeze < 0 or views < 1 or dim < 1 or hidden < 1 or margin <= 0:
         raise LensError("--unfreeze must be >= 0, --views/--dim/--hidden >= 1 and --margin > 0")
-    data = training_data(gallery, labels)
+    data = training_data(gallery, labels, only=only)
     if objective == "auto":
         objective = "classification" if data.labels is not None else "contrastive"
     if objective == "classification" and data.labels is None:
