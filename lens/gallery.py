@@ -256,7 +256,7 @@ class Gallery:
         if text is not None:
             stored, searcher, _ = self._open(method)
             picture = query_picture(image, box, margin) if image is not None else None
-            return search_text(stored, searcher, text, picture, self.root, k, text_weight, rerank)
+            return search_text(stored, searcher, text, picture, self.root, k, text_weight, rerank, files=self.files)
         if image is None:
             raise LensError("nothing to search for: give a photo, words (text=...), or both")
         return self.search_many([image], method, k, [box], rerank=rerank, margin=margin)[0]

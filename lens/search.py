@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -86,13 +86,13 @@ def search_pictures(
              if i >= 0]
             for (top_ids, top_scores), (tail_ids, tail_scores) in zip(reranked, tails)
         ], root)
-    return _ranked(stored, vectors, ids, scores, root, k, count, kind)
+    return _ranked(stored, vectors, ids, scores, root, k, count, kind, file)
 
 
 def _ranked(stored: StoredIndex, vectors: np.ndarray, ids: np.ndarray, scores: np.ndarray, root: Path, k: int,
-            count: int, kind: str) -> list[list[SearchResult]]:
-    """Index candidates as results (files still on disk): re-ranked exactly with the stored vectors
-    when ``count``."""
+            count: int, kind: str, file: Callable[[str], Path]) -> list[list[SearchResult]]:
+    """Index candidates as results (files still on disk; ``file(path)``: where an image is): re-ranked
+    exactly with the stored vectors when ``count``."""
     if count:
         index = stored.index
         ranked = list(zip(*rerank_exact(vectors, ids, stored.vectors, index.metric, index.dim, k)))
@@ -159,13 +159,15 @@ def search_text(
     k: int = 10,
     text_weight: float = TEXT_WEIGHT,
     rerank: Rerank = None,
+    *,
+    files: Mapping[str, Path] | None = None,
 ) -> list[SearchResult]:
     """The ``k`` best gallery images for words, or for a picture refined by words (best first).
 
     ``searcher`` must embed text (:class:`~lens.types.EmbedsText`: ``clip``, ``siglip``); the query
     vector is :func:`compose_query` of the picture's and the words' embeddings. Scores are cosines of
     kind ``text cosine`` (words only) or ``image+text cosine``: on another scale than image-to-image
-    cosines (see :data:`lens.types.SCORE_LABELS`). ``rerank``: as in :func:`search_pictures`.
+    cosines (see :data:`lens.types.SCORE_LABELS`). ``rerank``, ``files``: as in :func:`search_pictures`.
     Raises :class:`LensError` for a method that cannot read words, empty words or a bad weight.
     """
     if not isinstance(searcher, EmbedsText):
@@ -184,7 +186,8 @@ def search_text(
         scores = np.zeros(ids.shape, np.float32)
     else:
         ids, scores = stored.index.search(vectors, max(k, count))
-    return _ranked(stored, vectors, ids, scores, root, k, count, kind)[0]
+    return _ranked(stored, vectors, ids, scores, root, k, count, kind,
+                   lambda path: (files or {}).get(path) or root / path)[0]
 
 
 def rerank_count(rerank: Rerank, stored: StoredIndex, method: Method) -> int:
