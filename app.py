@@ -3,6 +3,7 @@
     python app.py                                  # the sample gallery (scikit-image photos)
     python app.py --gallery ~/Pictures --methods vit,resnet50 --model vit=./weights/dinov2-small
     python app.py --detector-weights ./yolov8n_int8.tflite
+    python app.py --methods clip,vit                # type words beside the photo ("in red"), or words alone
 
 Every action calls the lens library (lens.service.LensService); this file only lays out the page.
 """
@@ -28,8 +29,8 @@ from lens.draw import draw_boxes  # noqa: E402
 from lens.images import MAX_BYTES, ImageError, check_box, display_path  # noqa: E402
 from lens.methods import parse_models  # noqa: E402
 from lens.samples import write_sample_gallery  # noqa: E402
+from lens.search import AUTO, TEXT_WEIGHT  # noqa: E402
 from lens.service import LensService, Outcome  # noqa: E402
-from lens.search import AUTO  # noqa: E402
 from lens.types import SCORE_LABELS, SearchResult  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -166,27 +167,30 @@ class Handlers:
         return _choices(boxes)[hit + 1] if hit is not None else WHOLE
 
     @readable
-    def on_search(self, image: Image.Image | None, boxes: list[Box], subject: str, method: str | None, k: int):
-        if image is None:
-            return None, None, [], [], "Upload a photo or pick an example to start."
+    def on_search(self, image: Image.Image | None, boxes: list[Box], subject: str, method: str | None, k: int,
+                  text: str | None = "", text_weight: float = TEXT_WEIGHT):
+        text = (text or "").strip()
+        if image is None and not text:
+            return None, None, [], [], "Upload a photo or pick an example to start (or type words to search for)."
+        if image is None:  # words alone
+            if not method:
+                return None, None, [], [], "No method is ready yet: see the status below."
+            outcome = self.service.search_subject(None, method, int(k), text=text, text_weight=text_weight)
+            return None, None, [], self.caption(outcome.results), _note(outcome, f"“{text}”")
         selected = _selected(boxes, subject)
         box = boxes[selected] if selected is not None else None
         view = draw_boxes(image, boxes, selected)
         crop = self.service.subject_image(image, box)  # the one crop: shown, and searched
         if not method:
             return view, crop, [], [], "No method is ready yet: see the status below."
-        if method in (AUTO, "local"):  # the whole photo, the box focusing: exact matches need every keypoint
+        if method in (AUTO, "local") and not text:  # the whole photo, the box focusing: exact matches need every keypoint
             outcome = self.service.search(image, method, int(k), box)
         else:
-            outcome = self.service.search_subject(crop, method, int(k))
+            outcome = self.service.search_subject(crop, method, int(k), text=text or None, text_weight=text_weight)
         exact = [r for r in outcome.results if r.match == "exact"]
         similar = [r for r in outcome.results if r.match != "exact"]
-        what = box.label if box is not None else "the whole image"
-        kinds = list(dict.fromkeys(r.kind for r in outcome.results)) or ["cosine"]
-        found = f"{len(exact)} exact, {len(similar)} similar" if exact else f"{len(outcome.results)} results"
-        note = (f"**{method}**: {found} for *{what}* in {outcome.seconds * 1000:.0f} ms "
-                f"(score: {'; '.join(SCORE_LABELS.get(kind, kind) for kind in kinds)})")
-        return view, crop, self.caption(exact), self.caption(similar), note
+        what = f"*{box.label if box is not None else 'the whole image'}*" + (f" + “{text}”" if text else "")
+        return view, crop, self.caption(exact), self.caption(similar), _note(outcome, what)
 
     @readable
     def on_compare(self, image: Image.Image | None, boxes: list[Box], subject: str, k: int):
@@ -224,8 +228,12 @@ class Handlers:
         return self.service.box_at([_box_from(b) for b in boxes], x, y)
 
     @readable
-    def api_search(self, image: gr.FileData, method: str, k: int = 10, box: list[float] | None = None) -> dict:
-        outcome = self.service.search(_load(image), method, int(k), _box_from(box))
+    def api_search(self, image: gr.FileData | None, method: str, k: int = 10, box: list[float] | None = None,
+                   text: str = "", text_weight: float = TEXT_WEIGHT) -> dict:
+        """``image`` (optional with ``text``) and/or ``text``: words to search for, or to refine the
+        photo with (a method that reads text: clip, siglip); ``text_weight``: the words' share, 0-1."""
+        picture = _load(image) if image is not None else None
+        outcome = self.service.search(picture, method, int(k), _box_from(box), text=text, text_weight=text_weight)
         return _outcome_json(outcome)
 
     @readable
@@ -252,6 +260,13 @@ def build_app(service: LensService) -> gr.Blocks:
             with gr.Column(scale=5):
                 upload = photo_input(label="Your photo", type="pil", sources=["upload", "clipboard", "webcam"],
                                   height=200, elem_id="lens-upload")
+                with gr.Row():
+                    words = gr.Textbox(label="Add to your search", elem_id="lens-text", scale=3,
+                                       placeholder="“in red” with the photo, or words alone: “a red dress”",
+                                       info="Words need a method that reads text (clip, siglip); press Enter.")
+                    text_weight = gr.Slider(0.0, 1.0, value=TEXT_WEIGHT, step=0.05, label="Weight of the words",
+                                            elem_id="lens-text-weight", scale=2,
+                                            info="With a photo: 0 = the photo only, 1 = the words only.")
                 view = gr.Image(label="Click a box to choose the subject", interactive=False,
                                 elem_id="lens-view", height=420, buttons=["fullscreen"])
                 subject = gr.Radio([WHOLE], value=WHOLE, label="Subject", elem_id="lens-subject")
@@ -281,7 +296,7 @@ def build_app(service: LensService) -> gr.Blocks:
                     status = gr.Markdown(status_markdown(service), elem_id="lens-status")
         timer = gr.Timer(2.0)
 
-        search_inputs = [original, boxes, subject, method, k]
+        search_inputs = [original, boxes, subject, method, k, words, text_weight]
         search_outputs = [view, crop, exact, results, info]
         quiet: dict[str, Any] = {"api_visibility": "private"}
         upload.change(on.on_photo, [upload, detector, threshold], [original, boxes, subject, view],
@@ -293,7 +308,7 @@ def build_app(service: LensService) -> gr.Blocks:
                     ).then(on.on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)
         view.select(on.on_click, [boxes, subject], subject, **quiet
                     ).then(on.on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)
-        for trigger in (subject.input, method.change, k.release):
+        for trigger in (subject.input, method.change, k.release, words.submit, text_weight.release):
             trigger(on.on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)
         compare_button.click(on.on_compare, [original, boxes, subject, k], [table, *compare_galleries],
                              concurrency_limit=2, **quiet)
@@ -307,6 +322,16 @@ def build_app(service: LensService) -> gr.Blocks:
         gr.api(on.api_methods, api_name="methods")
     demo.queue(max_size=64, default_concurrency_limit=2)
     return demo
+
+
+def _note(outcome: Outcome, what: str) -> str:
+    """One search's summary for people: method, counts (exact / similar), what was searched, time and
+    what each kind of score means."""
+    exact = sum(r.match == "exact" for r in outcome.results)
+    found = f"{exact} exact, {len(outcome.results) - exact} similar" if exact else f"{len(outcome.results)} results"
+    kinds = list(dict.fromkeys(r.kind for r in outcome.results)) or ["cosine"]
+    return (f"**{outcome.method}**: {found} for {what} in {outcome.seconds * 1000:.0f} ms "
+            f"(score: {'; '.join(SCORE_LABELS.get(kind, kind) for kind in kinds)})")
 
 
 def _outcome_json(outcome: Outcome) -> dict:

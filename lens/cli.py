@@ -93,8 +93,15 @@ def _run_index(args: argparse.Namespace) -> int:
 
 # -- lens search -----------------------------------------------------------------------------------
 def _search_parser(sub: argparse._SubParsersAction) -> Handler:
-    parser = sub.add_parser("search", help="find the gallery images most similar to a photo")
-    parser.add_argument("query", metavar="QUERY_IMAGE")
+    parser = sub.add_parser("search", help="find the gallery images most similar to a photo (and/or words)")
+    parser.add_argument("query", metavar="QUERY_IMAGE", nargs="?",
+                        help="the photo to search for (optional with --text)")
+    parser.add_argument("--text", metavar="WORDS",
+                        help="search by words ('a red dress'), or refine QUERY_IMAGE with them ('in red'); "
+                             "needs a method that reads text: clip, siglip, clip:<id or folder>")
+    parser.add_argument("--text-weight", type=float, default=0.5, metavar="W",
+                        help="the words' share of a photo + words query, 0-1: query = normalise((1-W) image + "
+                             "W text) (default: %(default)s; see docs/text-search.md)")
     parser.add_argument("--gallery", required=True, metavar="FOLDER")
     parser.add_argument("--method", default=DEFAULT_SEARCH,
                         help="method spec, or 'auto' (default): exact matches (the 'local' index, "
@@ -126,12 +133,17 @@ def _run_search(args: argparse.Namespace) -> int:
         raise LensError("-k must be at least 1")
     from lens.images import load_image
 
-    query = load_image(args.query)  # a bad query or box fails here, before any model loads
-    box = _parse_box(args.box, query.size)
+    if args.query is None and args.text is None:
+        raise LensError("give a QUERY_IMAGE, --text WORDS, or both")
+    if args.query is None and (args.box or args.detect):
+        raise LensError("--box and --detect choose a region of a QUERY_IMAGE: give one")
+    query = load_image(args.query) if args.query is not None else None  # a bad query or box fails here,
+    box = _parse_box(args.box, query.size if query is not None else None)  # before any model loads
     gallery = _gallery(args)
     if args.detect:
         return _search_detected(args, gallery, query)
-    results = gallery.search(query, args.method, k=args.k, box=box, rerank=args.rerank)
+    words = {"text": args.text, "text_weight": args.text_weight} if args.text is not None else {}
+    results = gallery.search(query, args.method, k=args.k, box=box, rerank=args.rerank, **words)
     if args.json:
         print(json.dumps([r.as_dict() for r in results], indent=2))
         return 0
@@ -167,8 +179,12 @@ def _search_detected(args: argparse.Namespace, gallery, query) -> int:
         logging.getLogger("lens").warning("no object found (detector %s); searching the whole image",
                                           args.detector)
     shown = boxes or [None]
-    groups = gallery.search_many([query] * len(shown), args.method, k=args.k, boxes=shown, rerank=args.rerank,
-                                 margin=args.margin)
+    if args.text is not None:  # each box refined by the words
+        groups = [gallery.search(query, args.method, k=args.k, box=box, rerank=args.rerank, margin=args.margin,
+                                 text=args.text, text_weight=args.text_weight) for box in shown]
+    else:
+        groups = gallery.search_many([query] * len(shown), args.method, k=args.k, boxes=shown,
+                                     rerank=args.rerank, margin=args.margin)
     if args.json:
         print(json.dumps([{"box": box.as_dict() if box else None, "results": [r.as_dict() for r in group]}
                           for box, group in zip(shown, groups)], indent=2))

@@ -5,6 +5,8 @@
     >>> gallery.index(["resnet50", "vit"])                 # embeds only new or changed files
     >>> gallery.search("query.jpg", method="vit", k=10, box=(10, 20, 200, 240))
     >>> gallery.search("query.jpg", method="sift", k=10, rerank="all")   # brute-force matching
+    >>> gallery.search(None, method="clip", text="a red dress")            # words (a clip index)
+    >>> gallery.search("query.jpg", method="clip", text="in red", text_weight=0.5)  # photo + words
 
 A :class:`Gallery` resolves method specs and model overrides, and keeps each method's live index
 open (re-opened when a newer build is published); :mod:`lens.indexing` builds the indexes and
@@ -28,9 +30,10 @@ from lens.errors import CorruptIndexError, IndexNotFoundError, LensError
 from lens.images import IMAGE_EXTENSIONS, ImageSource, load_image
 from lens.indexing import IndexReport, build_index, scan, scan_files
 from lens.methods import Method, check_spec, create_method, is_trained, method_slug
-from lens.search import AUTO, auto_methods, combine, match_picture, query_picture, search_pictures
+from lens.search import (AUTO, TEXT_WEIGHT, auto_methods, combine, match_picture, query_picture, search_pictures,
+                         search_text)
 from lens.store import Item, StoredIndex, live_build, open_build, read_manifest, reading
-from lens.types import SCORE_LABELS, Box, LearnsFromGallery, MatchesLocally, Region, Rerank, SearchResult
+from lens.types import SCORE_LABELS, Box, EmbedsText, LearnsFromGallery, MatchesLocally, Region, Rerank, SearchResult
 
 __all__ = ["SCORE_LABELS", "Gallery", "IndexReport", "SearchResult"]
 
@@ -227,13 +230,15 @@ class Gallery:
 
     def search(
         self,
-        image: ImageSource,
+        image: ImageSource | None,
         method: str,
         k: int = 10,
         box: Region = None,
         rerank: Rerank = None,
         *,
         margin: float = 0.0,
+        text: str | None = None,
+        text_weight: float = TEXT_WEIGHT,
     ) -> list[SearchResult]:
         """The ``k`` gallery images most similar to ``image`` (or to its ``box`` region), best first.
 
@@ -247,8 +252,29 @@ class Gallery:
         exact region). ``rerank``: see :meth:`search_many`. Raises :class:`IndexNotFoundError` when
         ``method`` has no index here, :class:`~lens.images.ImageError` for an unreadable image or a
         box with no area inside it.
+
+        ``text``: words to search for (``image=None``) or to refine the picture with ("in red"), for a
+        method that embeds text (``clip``, ``siglip``); ``text_weight`` in [0, 1] is the words' share of
+        the query (:func:`lens.search.compose_query`). Their scores are of kind ``text cosine`` /
+        ``image+text cosine``: another scale than image-to-image cosines.
         """
+        if text is not None:
+            if method == AUTO:  # words: the first indexed method that reads them
+                method = self._text_method()
+            stored, searcher, _ = self._open(method)
+            picture = query_picture(image, box, margin) if image is not None else None
+            return search_text(stored, searcher, text, picture, self.root, k, text_weight, rerank, files=self.files)
+        if image is None:
+            raise LensError("nothing to search for: give a photo, words (text=...), or both")
         return self.search_many([image], method, k, [box], rerank=rerank, margin=margin)[0]
+
+    def _text_method(self) -> str:
+        """The first indexed method that embeds words (``clip``, ``siglip``), for ``auto`` with text."""
+        for spec in self.indexed_methods():
+            if isinstance(self._base_method(spec), EmbedsText):
+                return spec
+        raise LensError("searching with words needs a method that reads them: index the gallery with "
+                        f"`lens index {self.root} --methods clip` (or siglip)")
 
     def search_many(
         self,
@@ -272,7 +298,7 @@ class Gallery:
         stored, searcher, _ = self._open(method)
         if isinstance(searcher, MatchesLocally):  # the whole photo: the box only focuses
             return [match_picture(stored, searcher, load_image(image), Box.of(box) if box is not None else None,
-                                  self.root, k) for image, box in zip(images, boxes)]
+                                  self.root, k, files=self.files) for image, box in zip(images, boxes)]
         pictures = [query_picture(image, box, margin) for image, box in zip(images, boxes)]
         return search_pictures(stored, searcher, pictures, self.root, k, rerank, files=self.files)
 

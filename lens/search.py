@@ -7,6 +7,7 @@ above a global embedding's **visually similar** images, as Google Lens answers a
 
     >>> picture = query_picture("query.jpg", box, margin=0.05)    # decoded once, cropped once
     >>> results = search_pictures(stored, method, [picture], root, k=10)[0]
+    >>> results = search_text(stored, clip, "in red", picture, root, k=10)  # words (+ a picture)
 
 :class:`lens.Gallery` opens the index and the method and calls these; the app's service calls
 :func:`query_picture` once per search so that the picture shown is the picture searched.
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from lens.errors import IndexNotFoundError, LensError
 from lens.images import ImageSource, crop, display_path, load_image
 from lens.index import rerank_exact
 from lens.store import StoredIndex
-from lens.types import Box, MatchesLocally, Method, Rerank, Reranks, SearchResult
+from lens.types import Box, EmbedsText, MatchesLocally, Method, Rerank, Reranks, SearchResult, l2_normalise
 
 AUTO = "auto"  #: the combined search's method name
 EXACT_METHOD = "local"  #: the method whose verified results are exact matches
@@ -95,7 +96,14 @@ def search_pictures(
              if i >= 0]
             for (top_ids, top_scores), (tail_ids, tail_scores) in zip(reranked, tails)
         ], root)
-    elif count:
+    return _ranked(stored, vectors, ids, scores, root, k, count, kind, file)
+
+
+def _ranked(stored: StoredIndex, vectors: np.ndarray, ids: np.ndarray, scores: np.ndarray, root: Path, k: int,
+            count: int, kind: str, file: Callable[[str], Path]) -> list[list[SearchResult]]:
+    """Index candidates as results (files still on disk; ``file(path)``: where an image is): re-ranked
+    exactly with the stored vectors when ``count``."""
+    if count:
         index = stored.index
         ranked = list(zip(*rerank_exact(vectors, ids, stored.vectors, index.metric, index.dim, k)))
     else:
@@ -122,6 +130,74 @@ def on_disk(groups: list[list[SearchResult]], root: Path) -> list[list[SearchRes
                 display_path(root))
     return [[replace(r, rank=rank) for rank, r in enumerate((r for r in group if r.path not in gone), 1)]
             for group in groups]
+
+
+#: The words' share of an image + text query by default: 0.5 is the plain sum of the two unit vectors.
+TEXT_WEIGHT = 0.5
+
+
+def compose_query(image_vector: np.ndarray | None, text_vector: np.ndarray, text_weight: float = TEXT_WEIGHT
+                  ) -> np.ndarray:
+    """One query vector from a picture's and words' embeddings (both ``(n, dim)`` float32, L2-normalised):
+    ``q = normalise((1 - w) * image + w * text)``; the text alone when there is no picture.
+
+    This is the training-free "weighted modality fusion" of Wu, Lin and Yang, "Training-free Zero-shot
+    Composed Image Retrieval via Weighted Modality Fusion and Similarity" (arXiv:2409.04918, 2024); at
+    ``w = 0.5`` it is the element-wise sum of CLIP features, the starting point of Baldrati et al.,
+    "Composed Image Retrieval using Contrastive Learning and Task-oriented CLIP-based Features" (ACM TOMM
+    2023, arXiv:2308.11485). ``w = 0``: the picture alone, ``w = 1``: the words alone.
+    Raises :class:`LensError` for a weight outside [0, 1].
+    """
+    _check_weight(text_weight)
+    if image_vector is None:
+        return l2_normalise(text_vector)
+    return l2_normalise((1.0 - text_weight) * l2_normalise(image_vector) + text_weight * l2_normalise(text_vector))
+
+
+def _check_weight(text_weight: float) -> None:
+    if not 0.0 <= float(text_weight) <= 1.0:
+        raise LensError(f"the text weight must be between 0 (the picture only) and 1 (the words only), "
+                        f"got {text_weight}")
+
+
+def search_text(
+    stored: StoredIndex,
+    searcher: Method,
+    text: str,
+    picture: Image.Image | None,
+    root: Path,
+    k: int = 10,
+    text_weight: float = TEXT_WEIGHT,
+    rerank: Rerank = None,
+    *,
+    files: Mapping[str, Path] | None = None,
+) -> list[SearchResult]:
+    """The ``k`` best gallery images for words, or for a picture refined by words (best first).
+
+    ``searcher`` must embed text (:class:`~lens.types.EmbedsText`: ``clip``, ``siglip``); the query
+    vector is :func:`compose_query` of the picture's and the words' embeddings. Scores are cosines of
+    kind ``text cosine`` (words only) or ``image+text cosine``: on another scale than image-to-image
+    cosines (see :data:`lens.types.SCORE_LABELS`). ``rerank``, ``files``: as in :func:`search_pictures`.
+    Raises :class:`LensError` for a method that cannot read words, empty words or a bad weight.
+    """
+    if not isinstance(searcher, EmbedsText):
+        raise LensError(f"method '{searcher.info.name}' cannot read words: search with text using a "
+                        "method that embeds text and images together (clip, siglip)")
+    if not str(text).strip():
+        raise LensError("the words to search for are empty")
+    _check_weight(text_weight)
+    words = searcher.embed_text([text])
+    image = searcher.embed([picture]) if picture is not None and text_weight < 1 else None
+    vectors = compose_query(image, words, text_weight)
+    kind = "text cosine" if image is None else "cosine" if text_weight == 0 else "image+text cosine"
+    count = rerank_count(rerank, stored, searcher)
+    if count >= len(stored.items):
+        ids = np.arange(len(stored.items), dtype=np.int64)[None]
+        scores = np.zeros(ids.shape, np.float32)
+    else:
+        ids, scores = stored.index.search(vectors, max(k, count))
+    return _ranked(stored, vectors, ids, scores, root, k, count, kind,
+                   lambda path: (files or {}).get(path) or root / path)[0]
 
 
 def rerank_count(rerank: Rerank, stored: StoredIndex, method: Method) -> int:

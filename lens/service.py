@@ -26,7 +26,7 @@ from lens.errors import IndexMismatchError, IndexNotFoundError, LensError
 from lens.gallery import Gallery, SearchResult
 from lens.draw import draw_outline
 from lens.images import display_path, load_image
-from lens.search import AUTO, query_picture
+from lens.search import AUTO, TEXT_WEIGHT, query_picture
 
 log = logging.getLogger("lens")
 
@@ -213,20 +213,24 @@ class LensService:
         return query_picture(image, box, margin)
 
     # -- search ----------------------------------------------------------------------------------
-    def search(self, image: Image.Image, method: str, k: int = 10, box: Box | None = None) -> Outcome:
+    def search(self, image: Image.Image | None, method: str, k: int = 10, box: Box | None = None, *,
+               text: str | None = None, text_weight: float = TEXT_WEIGHT) -> Outcome:
         """The ``k`` most similar gallery images to ``image`` (or to its ``box``), timed.
 
         The subject is cropped once (:meth:`subject_image`) and searched as it is; except by the
         combined search ``auto`` and ``local``, which match the whole photo, the box focusing them
-        (and cropping only for the visually similar part). Raises :class:`LensError` when ``method``
-        is not served or not ready.
+        (and cropping only for the visually similar part). ``text``: words to search for
+        (``image=None``) or to refine the picture with (see :meth:`search_subject`).
+        Raises :class:`LensError` when ``method`` is not served or not ready.
         """
-        if method == AUTO or method == "local":
+        words = text.strip() if text and text.strip() else None
+        if image is not None and words is None and method in (AUTO, "local"):
             self._check_ready(method)
             started = time.perf_counter()
             results = self.gallery.search(image, method, k=k, box=box, margin=DEFAULT_MARGIN)
             return Outcome(method, results, time.perf_counter() - started)
-        return self.search_subject(self.subject_image(image, box), method, k)
+        subject = self.subject_image(image, box) if image is not None else None
+        return self.search_subject(subject, method, k, text=words, text_weight=text_weight)
 
     def _check_ready(self, method: str) -> None:
         if method == AUTO:
@@ -239,11 +243,19 @@ class LensService:
         if state.status != "ready":
             raise LensError(f"method '{method}' is not available yet: {state.status} ({state.detail})")
 
-    def search_subject(self, subject: Image.Image, method: str, k: int = 10) -> Outcome:
-        """The ``k`` gallery images most similar to ``subject`` (an already cropped picture), timed."""
+    def search_subject(self, subject: Image.Image | None, method: str, k: int = 10, *,
+                       text: str | None = None, text_weight: float = TEXT_WEIGHT) -> Outcome:
+        """The ``k`` gallery images most similar to ``subject`` (an already cropped picture), timed.
+
+        With ``text`` (a method that reads words: ``clip``, ``siglip``): the words alone when
+        ``subject`` is None, else the picture refined by them, ``text_weight`` being the words' share
+        (:meth:`lens.Gallery.search`). Empty or blank ``text`` is no text.
+        """
+        text = text.strip() if text and text.strip() else None
         self._check_ready(method)
         started = time.perf_counter()
-        results = self.gallery.search(subject, method, k=k)
+        words = {"text": text, "text_weight": text_weight} if text is not None else {}
+        results = self.gallery.search(subject, method, k=k, **words)
         return Outcome(method, results, time.perf_counter() - started)
 
     def compare(self, image: Image.Image, k: int = 5, box: Box | None = None) -> list[Outcome]:

@@ -5,6 +5,7 @@
   :class:`MatchesLocally`, whose :class:`Match` es are exact matches): the small protocol
   every similarity method family implements; :class:`MethodInfo` is what an index records about it.
 - :class:`SearchResult`: one gallery image found for a query.
+- :class:`EmbedsText` (optional): a method that embeds words into its image space (CLIP, SigLIP).
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ class SearchResult:
     score: float  #: similarity in [0, 1], 1 = identical; or a count, see ``kind``
     file: Path  #: where the image is on disk
     #: what ``score`` is: ``cosine`` or ``hamming`` similarity in [0, 1], ``inliers`` (a count of
-    #: RANSAC-verified keypoint matches) or ``votes`` (unverified inverted-file votes); see SCORE_LABELS
+    #: RANSAC-verified keypoint matches), ``votes`` (unverified inverted-file votes), or ``text
+    #: cosine`` / ``image+text cosine`` for a query with words (another scale); see SCORE_LABELS
     kind: str = "cosine"
     #: ``exact``: the same item, verified geometrically (a RANSAC homography with enough inliers);
     #: ``similar``: anything else
@@ -118,6 +120,12 @@ SCORE_LABELS = {
     "hamming": "1 - Hamming distance / bits, 1 = identical",
     "inliers": "RANSAC-verified keypoint matches (inliers), more = more alike",
     "votes": "inverted-file votes of shared visual words (unverified), more = more alike",
+    # words and pictures sit apart in a CLIP space (the "modality gap", Liang et al., NeurIPS 2022):
+    # a good text match scores far below a near-duplicate picture, so only ranks compare across kinds
+    "text cosine": "cosine between the words' and the image's embeddings, on a far lower scale than "
+                   "image-to-image cosines (the modality gap): compare ranks, not values",
+    "image+text cosine": "cosine between the image + words query (weighted sum of both unit vectors) and the "
+                         "image; lower than image-to-image cosines: compare ranks, not values",
 }
 
 
@@ -235,6 +243,16 @@ class MatchesLocally(Protocol):
 
     def match(self, item: Any, k: int, box: Sequence[float] | None = None) -> list[Match]:
         """The best ``k`` rows: verified ones (``inliers`` > 0) first, best first."""
+
+
+@runtime_checkable
+class EmbedsText(Protocol):
+    """Optional: a method that also embeds words into its image space (CLIP, SigLIP): its image
+    vectors can be searched with text, or with a picture refined by text (:func:`lens.search.search_text`)."""
+
+    def embed_text(self, texts: Sequence[str]) -> np.ndarray:
+        """Vectors of the texts: ``(n, info.dim)`` float32, L2-normalised, comparable by cosine with
+        the method's image vectors."""
 
 
 class BaseMethod:

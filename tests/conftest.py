@@ -127,3 +127,27 @@ def index_dir_seen_from(cwd: Path, gallery: Path) -> Path:
         return cwd / default_index_dir(gallery)
     finally:
         os.chdir(previous)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> Path:
+    """A tiny random-initialised CLIP (16-d) with its image processor and a word-level tokenizer."""
+    from tiny_clip import save_tiny_clip
+
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+
+
+@pytest.fixture(scope="session")
+def tiny_siglip(tmp_path_factory) -> Path:
+    """A tiny random-initialised SigLIP (32-d) with its image processor and a word-level tokenizer."""
+    from tiny_clip import save_tiny_siglip
+
+    return save_tiny_siglip(tmp_path_factory.mktemp("tiny-siglip"))
+
+
+@pytest.fixture(scope="session")
+def shapes_clip(tmp_path_factory) -> Path:
+    """A tiny CLIP trained (once per session) on coloured shapes and captions: 'red', 'a blue square', ..."""
+    from tiny_clip import train_shapes_clip
+
+    return train_shapes_clip(tmp_path_factory.mktemp("shapes-clip"))

@@ -211,3 +211,57 @@ def test_the_upload_widget_hands_files_to_lens_unopened(tmp_path):
     for name in expect:
         assert widget.preprocess(ImageData(path=str(tmp_path / name), orig_name=name)) == str(tmp_path / name)
     assert widget.preprocess(None) is None
+
+
+@pytest.fixture(scope="module")
+def served_words(tmp_path_factory, shapes_clip):
+    """The app serving a gallery of coloured shapes with a CLIP trained on them (tests/tiny_clip.py)."""
+    import app
+    from gradio_client import Client
+    from tiny_clip import write_shapes
+
+    root = tmp_path_factory.mktemp("app-words")
+    kinds = write_shapes(root / "photos")
+    gallery = Gallery(root / "photos", root / "indexes", models={"clip": str(shapes_clip)})
+    service = LensService(gallery, ["clip"], detector="test-quadrants")
+    service.start(background=False)  # builds the clip index
+    demo = app.build_app(service)
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                allowed_paths=[str(service.thumbnail_dir.resolve())])
+    yield Client(f"http://127.0.0.1:{port}/", verbose=False), service, kinds
+    demo.close()
+
+
+def test_search_by_words_alone_and_by_a_photo_plus_words(served_words):
+    from gradio_client import handle_file
+
+    client, service, kinds = served_words
+    words = client.predict(None, "clip", 6, None, "red", 0.5, api_name="/search")
+    assert words["error"] is None and [kinds[r["image"]][0] for r in words["results"]] == ["red"] * 6
+    assert {r["score_kind"] for r in words["results"]} == {"text cosine"}
+    photo = handle_file(str(service.gallery.root / "blue-circle-0.png"))
+    alone = client.predict(photo, "clip", 6, None, api_name="/search")
+    assert alone["results"][0]["image"] == "blue-circle-0.png" and alone["results"][0]["score_kind"] == "cosine"
+    refined = client.predict(photo, "clip", 6, None, "red", 0.6, api_name="/search")
+    assert kinds[refined["results"][0]["image"]][0] == "red"
+    assert refined["results"][0]["score_kind"] == "image+text cosine"
+    with pytest.raises(Exception, match="nothing to search for"):
+        client.predict(None, "clip", 6, None, "", 0.5, api_name="/search")
+
+
+def test_the_pages_text_box_searches_with_or_without_a_photo(served_words):
+    """The page's search event with the words box filled: no upload (words alone), then a photo + words."""
+    import app
+
+    _, service, kinds = served_words
+    on = app.Handlers(service)
+    view, crop, exact, results, note = on.on_search(None, [], app.WHOLE, "clip", 4, "  red ", 0.5)
+    assert view is None and crop is None and exact == [] and len(results) == 4
+    assert all(kinds[caption.split(" · ")[-1]][0] == "red" for _, caption in results)
+    assert "“red”" in note and "far lower scale" in note  # the score's meaning is shown
+    photo = app.load_image(service.gallery.root / "blue-circle-0.png")
+    view, crop, exact, results, note = on.on_search(photo, [], app.WHOLE, "clip", 4, "red", 0.6)
+    assert kinds[results[0][1].split(" · ")[-1]][0] == "red" and "+ “red”" in note and "image + words" in note
+    _, _, exact, results, note = on.on_search(None, [], app.WHOLE, "clip", 4, "", 0.5)
+    assert exact == results == [] and "type words" in note

@@ -32,7 +32,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory, tiny_dinov2):
+def app_url(tmp_path_factory, tiny_dinov2, shapes_clip):
     if not os.path.exists(CHROMIUM):
         pytest.skip("needs Debian's chromium (apt-get install chromium; scripts/setup.sh --dev does it)")
     yolo = shared_path("weights", "yolov8n_int8.tflite")
@@ -45,7 +45,7 @@ def app_url(tmp_path_factory, tiny_dinov2):
     log = open(work / "app.log", "w")
     server = subprocess.Popen(
         [sys.executable, str(REPO / "app.py"), "--gallery", str(gallery), "--index-dir", str(work / "idx"),
-         "--methods", f"hf:{effnet},vit", "--model", f"vit={tiny_dinov2}",
+         "--methods", f"hf:{effnet},vit,clip", "--model", f"vit={tiny_dinov2}", "--model", f"clip={shapes_clip}",
          "--detector-weights", str(yolo), "--host", "127.0.0.1", "--port", str(port)],
         cwd=work, stdout=log, stderr=subprocess.STDOUT,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)},
@@ -141,4 +141,20 @@ def test_click_a_box_switch_method_and_see_results(app_url, tmp_path):
             expect(info).to_contain_text("Upload a photo", timeout=30_000)
         upload.set_input_files(str(EXAMPLE))
         expect(info).to_contain_text("vit: 8 results for cup", timeout=60_000)
+
+        # words: typed into "Add to your search" with no photo (words alone), then with one (photo + words)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.goto(url)
+        info = page.locator("#lens-info")
+        page.locator("#lens-method input").click()
+        page.get_by_role("option", name="clip", exact=True).click()
+        words = page.locator("#lens-text textarea")
+        words.fill("red")
+        words.press("Enter")
+        expect(info).to_contain_text("clip: 8 results for “red”", timeout=60_000)
+        expect(info).to_contain_text("far lower scale", timeout=30_000)  # what a text score means
+        expect(page.locator("#lens-results img")).to_have_count(8, timeout=30_000)
+        page.locator("#lens-upload input[type=file]").set_input_files(str(EXAMPLE))
+        expect(info).to_contain_text("clip: 8 results for cup + “red”", timeout=60_000)
+        expect(page.locator("#lens-results img")).to_have_count(8, timeout=30_000)
         browser.close()

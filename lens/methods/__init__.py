@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 #: Modules that register methods; importing one registers its methods.
-_FAMILIES = ["deep", "autoencoder", "siamese", "hashing", "sift", "local"]
+_FAMILIES = ["deep", "autoencoder", "siamese", "hashing", "sift", "local", "clip"]
 
 MethodFactory = Callable[..., Method]
 _NAMES: dict[str, MethodFactory] = {}

@@ -82,13 +82,14 @@ class HFBackbone(BaseMethod):
         model_ref = self.model_ref = os.path.expanduser(model_ref)
         try:
             self.processor = AutoImageProcessor.from_pretrained(model_ref)
-            self.model = AutoModel.from_pretrained(model_ref).eval().to(self.device)
+            loaded = AutoModel.from_pretrained(model_ref)
         except Exception as exc:  # transformers raises OSError, ValueError, HTTP errors, ...
             raise ModelLoadError(
                 f"cannot load model '{model_ref}' for method '{name}': {_first_line(exc)}. "
                 "Hub models are downloaded on first use (this needs internet once, then they are "
                 f"cached); or pass a local folder: --model {name}=PATH"
             ) from exc
+        self.model = self.image_model(loaded).eval().to(self.device)
         self.pooling = pooling
         self._lock = threading.Lock()
         self._onnx: OnnxForward | None = None
@@ -107,6 +108,11 @@ class HFBackbone(BaseMethod):
             weights=weights,
             extra={"pooling": pooling, "architecture": type(self.model).__name__},
         )
+
+    def image_model(self, loaded: torch.nn.Module) -> torch.nn.Module:
+        """The module whose ``(pixel_values=...)`` output is pooled: the loaded model itself here; a
+        two-tower model's image tower in :class:`lens.methods.clip.ClipMethod`."""
+        return loaded
 
     def _choose_runtime(self, wanted: str, key: str, probe: torch.Tensor, expected: torch.Tensor) -> str:
         """Set up ONNX Runtime for the forward pass when asked and it checks out; returns what runs."""

@@ -3,7 +3,8 @@
 On 2 CPU cores ONNX Runtime runs the CNN backbones 2-4x faster than eager PyTorch (EfficientNet-Lite0
 2.7-3.8x, ResNet-50 2.0-2.9x; docs/performance.md) and a ViT about as fast (0.84x at batch 1, up to
 1.07x in batches). So on CPU a backbone is exported once to ONNX (pixels in, pooled features out),
-cached on disk by its weights fingerprint, and run by an ONNX Runtime session.
+cached on disk by its weights fingerprint, and run by an ONNX Runtime session. A text tower (CLIP,
+SigLIP: token ids in, features out) is exported the same way, with its own input names.
 
 Choose with ``LENS_RUNTIME``: ``auto`` (the default: ONNX Runtime on CPU when it is installed and the
 export checks out, else PyTorch), ``onnx`` (the same, but a failure is an error) or ``torch``.
@@ -19,7 +20,7 @@ import logging
 import os
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -56,9 +57,14 @@ def cache_dir() -> Path:
 
 
 class OnnxForward:
-    """A forward pass ``pixels (B, 3, H, W) -> features (B, D)`` run by an ONNX Runtime session."""
+    """A forward pass ``pixels (B, 3, H, W) -> features (B, D)`` run by an ONNX Runtime session.
 
-    def __init__(self, path: Path, threads: int):
+    A model exported with several inputs (a text tower: ``input_ids`` and ``attention_mask``, both
+    ``(B, L)`` int64) takes them positionally, in the order of ``names``; an input the export pruned
+    (unused by the model) is skipped.
+    """
+
+    def __init__(self, path: Path, threads: int, names: Sequence[str] = ("pixels",)):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -68,14 +74,20 @@ class OnnxForward:
         self.path = path
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
+        self.names = tuple(names)
+        self._kept = {i.name for i in self.session.get_inputs()}
         self._single: OnnxForward | None = None
         self._single_lock = threading.Lock()
 
-    def __call__(self, pixels: torch.Tensor | np.ndarray) -> torch.Tensor:
-        if isinstance(pixels, torch.Tensor):
-            pixels = pixels.detach().cpu().numpy()
-        array = np.ascontiguousarray(pixels, dtype=np.float32)
-        return torch.from_numpy(self.session.run(None, {self.input: array})[0])
+    def __call__(self, *inputs: torch.Tensor | np.ndarray) -> torch.Tensor:
+        feeds = {}
+        for name, value in zip(self.names, inputs):
+            if isinstance(value, torch.Tensor):
+                value = value.detach().cpu().numpy()
+            if name in self._kept:
+                kind = np.int64 if np.asarray(value).dtype.kind in "iub" else np.float32
+                feeds[name] = np.ascontiguousarray(value, dtype=kind)
+        return torch.from_numpy(self.session.run(None, feeds)[0])
 
     def single_threaded(self) -> OnnxForward:
         """The same model in a one-thread session (made on first use), for bulk embedding.
@@ -86,7 +98,7 @@ class OnnxForward:
         """
         with self._single_lock:
             if self._single is None:
-                self._single = self if self.threads == 1 else OnnxForward(self.path, 1)
+                self._single = self if self.threads == 1 else OnnxForward(self.path, 1, self.names)
             return self._single
 
     def release_single_threaded(self) -> None:
@@ -98,33 +110,36 @@ class OnnxForward:
 
 
 def onnx_forward(
-    module: torch.nn.Module, key: str, probe: torch.Tensor, expected: torch.Tensor, *, threads: int | None = None
+    module: torch.nn.Module, key: str, probe: torch.Tensor | tuple[torch.Tensor, ...], expected: torch.Tensor,
+    *, threads: int | None = None, names: Sequence[str] = ("pixels",),
 ) -> OnnxForward:
     """``module`` (pixels -> features, in eval mode) exported to ONNX and loaded in ONNX Runtime.
 
     ``key`` names the export in the cache (weights fingerprint and pooling); it is exported once.
-    ``expected`` is ``module(probe)``. Raises RuntimeError when ONNX Runtime is missing, the export
+    ``expected`` is ``module(probe)``. A module with several inputs gets ``probe`` as a tuple and
+    their ``names`` (a batch axis each). Raises RuntimeError when ONNX Runtime is missing, the export
     fails or its features on ``probe`` differ from ``expected``.
     """
     try:
         import onnxruntime  # noqa: F401  (only whether it is installed)
     except ImportError as exc:
         raise RuntimeError("onnxruntime is not installed") from exc
+    probes = probe if isinstance(probe, tuple) else (probe,)
     with _EXPORTING:  # torch.onnx.export keeps global state: one export at a time
-        return _exported(module, key, probe, expected, threads)
+        return _exported(module, key, probes, expected, threads, tuple(names))
 
 
-def _exported(module: torch.nn.Module, key: str, probe: torch.Tensor, expected: torch.Tensor,
-              threads: int | None) -> OnnxForward:
+def _exported(module: torch.nn.Module, key: str, probe: tuple[torch.Tensor, ...], expected: torch.Tensor,
+              threads: int | None, names: tuple[str, ...]) -> OnnxForward:
     digest = hashlib.sha256(f"{key}|torch {torch.__version__}".encode()).hexdigest()[:20]
     path = cache_dir() / f"{digest}.onnx"
     for attempt in ("cached", "fresh"):
         if attempt == "fresh" or not path.is_file():
-            _export(module, probe, path)
+            _export(module, probe, path, names)
         try:
-            runner = OnnxForward(path, threads or torch.get_num_threads())
-            difference = max(float((runner(probe) - expected).abs().max()),  # the batch size it was traced
-                             float((runner(probe[:1]) - expected[:1]).abs().max()))  # with, and another
+            runner = OnnxForward(path, threads or torch.get_num_threads(), names)
+            difference = max(float((runner(*probe) - expected).abs().max()),  # the batch size it was traced
+                             float((runner(*(p[:1] for p in probe)) - expected[:1]).abs().max()))  # and another
         except Exception as exc:  # a damaged file in the cache: export again
             error: Exception = exc
         else:
@@ -135,15 +150,15 @@ def _exported(module: torch.nn.Module, key: str, probe: torch.Tensor, expected: 
     raise error
 
 
-def _export(module: torch.nn.Module, probe: torch.Tensor, path: Path) -> None:
+def _export(module: torch.nn.Module, probe: tuple[torch.Tensor, ...], path: Path, names: tuple[str, ...]) -> None:
     from lens.trained import replace_atomically
 
     def write(temporary: str) -> None:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer and deprecation notes
             torch.onnx.export(
-                module, (probe,), temporary, input_names=["pixels"], output_names=["features"],
-                dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}},
+                module, probe, temporary, input_names=list(names), output_names=["features"],
+                dynamic_axes={**{name: {0: "batch"} for name in names}, "features": {0: "batch"}},
                 opset_version=17, dynamo=False,
             )
 
