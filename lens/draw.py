@@ -48,9 +48,41 @@ def draw_boxes(image: Image.Image, boxes: Sequence[Any], selected: int | None = 
 
 def draw_outline(image: Image.Image, points: Sequence[Sequence[float]], colour: str = "#52c41a") -> Image.Image:
     """A copy of ``image`` with the closed polygon ``points`` ((x, y) pixels of ``image``, e.g. an exact
-    match's region) outlined; parts outside the image are clipped by drawing."""
+    match's region) outlined, clipped to the image first: a region that covers the whole image (the
+    photographed item is this whole picture) is drawn along the image's border, not off-canvas."""
     canvas = image.convert("RGB").copy()
     line = max(2, round(min(canvas.size) / 60))
-    ImageDraw.Draw(canvas).line([(float(x), float(y)) for x, y in [*points, points[0]]], fill=colour,
-                                width=line, joint="curve")
+    inset = line / 2  # keep the stroke inside the canvas
+    clipped = clip_polygon(points, (inset, inset, canvas.width - 1 - inset, canvas.height - 1 - inset))
+    if len(clipped) >= 2:
+        ImageDraw.Draw(canvas).line([*clipped, clipped[0]], fill=colour, width=line, joint="curve")
     return canvas
+
+
+def clip_polygon(points: Sequence[Sequence[float]], rect: tuple[float, float, float, float]
+                 ) -> list[tuple[float, float]]:
+    """The part of polygon ``points`` ((x, y) pairs) inside ``rect`` = (x1, y1, x2, y2), as a polygon
+    (Sutherland & Hodgman 1974, "Reentrant polygon clipping"); empty when they do not overlap."""
+    x1, y1, x2, y2 = rect
+    edges = [(lambda p: p[0] >= x1, lambda a, b: _at_x(a, b, x1)), (lambda p: p[0] <= x2, lambda a, b: _at_x(a, b, x2)),
+             (lambda p: p[1] >= y1, lambda a, b: _at_y(a, b, y1)), (lambda p: p[1] <= y2, lambda a, b: _at_y(a, b, y2))]
+    polygon = [(float(x), float(y)) for x, y in points]
+    for inside, cross in edges:
+        source, polygon = polygon, []
+        for i, current in enumerate(source):
+            previous = source[i - 1]
+            if inside(current):
+                if not inside(previous):
+                    polygon.append(cross(previous, current))
+                polygon.append(current)
+            elif inside(previous):
+                polygon.append(cross(previous, current))
+    return polygon
+
+
+def _at_x(a: tuple[float, float], b: tuple[float, float], x: float) -> tuple[float, float]:
+    return x, a[1] + (b[1] - a[1]) * (x - a[0]) / (b[0] - a[0])
+
+
+def _at_y(a: tuple[float, float], b: tuple[float, float], y: float) -> tuple[float, float]:
+    return a[0] + (b[0] - a[0]) * (y - a[1]) / (b[1] - a[1]), y
