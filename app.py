@@ -175,7 +175,10 @@ class Handlers:
         if image is None:  # words alone
             if not method:
                 return None, None, [], [], "No method is ready yet: see the status below."
-            outcome = self.service.search_subject(None, method, int(k), text=text, text_weight=text_weight)
+            try:
+                outcome = self.service.search_subject(None, method, int(k), text=text, text_weight=text_weight)
+            except LensError as exc:  # e.g. no indexed method reads words: say so where results go
+                return None, None, [], [], f"Words alone cannot be searched here: {exc}"
             return None, None, [], self.caption(outcome.results), _note(outcome, f"“{text}”")
         selected = _selected(boxes, subject)
         box = boxes[selected] if selected is not None else None
@@ -186,7 +189,15 @@ class Handlers:
         if method in (AUTO, "local") and not text:  # the whole photo, the box focusing: exact matches need every keypoint
             outcome = self.service.search(image, method, int(k), box)
         else:
-            outcome = self.service.search_subject(crop, method, int(k), text=text or None, text_weight=text_weight)
+            try:
+                outcome = self.service.search_subject(crop, method, int(k), text=text or None,
+                                                      text_weight=text_weight)
+            except LensError as exc:
+                if not text:
+                    raise
+                # the words cannot be used (no method reads them): the photo's results, and why
+                *shown, note = self.on_search(image, boxes, subject, method, k)
+                return (*shown, f"{note}. The words were left out: {exc}")
         exact = [r for r in outcome.results if r.match == "exact"]
         similar = [r for r in outcome.results if r.match != "exact"]
         what = f"*{box.label if box is not None else 'the whole image'}*" + (f" + “{text}”" if text else "")

@@ -265,3 +265,16 @@ def test_the_pages_text_box_searches_with_or_without_a_photo(served_words):
     assert kinds[results[0][1].split(" · ")[-1]][0] == "red" and "+ “red”" in note and "image + words" in note
     _, _, exact, results, note = on.on_search(None, [], app.WHOLE, "clip", 4, "", 0.5)
     assert exact == results == [] and "type words" in note
+
+
+def test_words_without_a_method_that_reads_them_keep_the_photos_results(served):
+    """Words typed while no indexed method reads text: the photo's results stay, the note says why."""
+    import app
+
+    _, service = served
+    on = app.Handlers(service)
+    photo = app.load_image(next(p for p in sorted(service.gallery.root.rglob("*")) if p.is_file()))
+    view, crop, exact, results, note = on.on_search(photo, [], app.WHOLE, "resnet50", 3, "in red", 0.5)
+    assert view is not None and len(results) == 3 and "words were left out" in note
+    _, _, exact, results, note = on.on_search(None, [], app.WHOLE, "resnet50", 3, "red", 0.5)
+    assert exact == results == [] and "Words alone cannot be searched here" in note
