@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -49,7 +48,7 @@ from lens.errors import CorruptIndexError, LensError
 from lens.images import load_image
 from lens.methods import register_method
 from lens.types import BaseMethod, Match, MethodInfo, fingerprint_arrays
-from lens.methods.sift import extract, root_sift
+from lens.methods.sift import extract, root_sift, sample_descriptors
 
 log = logging.getLogger("lens")
 
@@ -555,18 +554,12 @@ class LocalMatcher(BaseMethod):
         from (an even sample of) ``paths``."""
         if self.config.vocabulary:
             return LocalMatcher(self.info.name, self.config, self._vocabulary())
-        step = max(1, len(paths) // self.config.fit_images)
-        sample = list(paths)[::step][: self.config.fit_images]
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="lens-local-fit") as pool:
-            found = [d for d in pool.map(self._descriptors, sample) if d is not None and len(d)]
-        per_image = max(1, self.config.fit_descriptors // max(1, len(found)))
-        rng = np.random.default_rng(0)
-        chosen = [d if len(d) <= per_image else d[rng.choice(len(d), per_image, replace=False)] for d in found]
-        descriptors = root_sift(np.concatenate(chosen)) if chosen else np.zeros((0, 128), np.float32)
+        descriptors = sample_descriptors(paths, self._descriptors, self.config.fit_images,
+                                         self.config.fit_descriptors, "local")
         words = min(self.config.words, max(1, len(descriptors) // 8))
         if words < self.config.words:
-            log.warning("%s: %d descriptors from %d images; learning %d visual words instead of %d",
-                        self.info.name, len(descriptors), len(found), words, self.config.words)
+            log.warning("%s: %d descriptors from the gallery's images; learning %d visual words instead of %d",
+                        self.info.name, len(descriptors), words, self.config.words)
         return LocalMatcher(self.info.name, self.config, Vocabulary.learn(descriptors, words))
 
     def _descriptors(self, path: Path) -> np.ndarray | None:

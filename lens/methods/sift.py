@@ -27,7 +27,7 @@ descriptors (uint8), about 136 bytes per keypoint.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -95,6 +95,22 @@ def root_sift(descriptors: np.ndarray) -> np.ndarray:
     values = descriptors.astype(np.float32)
     values /= np.maximum(values.sum(axis=1, keepdims=True), 1e-7)
     return np.sqrt(values)
+
+
+def sample_descriptors(paths: Sequence[Path], describe: Callable[[Path], np.ndarray | None], images: int,
+                       total: int, name: str) -> np.ndarray:
+    """RootSIFT descriptors to learn a visual vocabulary from: ``describe(path)`` (raw SIFT, ``(n, 128)``,
+    or None for an unreadable file) of an even sample of at most ``images`` of ``paths``, two files at a
+    time, then at most ``total`` descriptors in all, an equal share per image (seeded). Returns
+    ``(m, 128)`` float32, unit rows (``(0, 128)`` when nothing could be read)."""
+    step = max(1, len(paths) // images)
+    sample = list(paths)[::step][:images]
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"lens-{name}-fit") as pool:
+        found = [d for d in pool.map(describe, sample) if d is not None and len(d)]
+    per_image = max(1, total // max(1, len(found)))
+    rng = np.random.default_rng(0)
+    chosen = [d if len(d) <= per_image else d[rng.choice(len(d), per_image, replace=False)] for d in found]
+    return root_sift(np.concatenate(chosen)) if chosen else np.zeros((0, 128), np.float32)
 
 
 def vlad(descriptors: np.ndarray, vocabulary: np.ndarray) -> np.ndarray:
@@ -241,15 +257,12 @@ class Sift(BaseMethod):
         """A copy of this method with a vocabulary learned from (an even sample of) ``paths``."""
         import faiss
 
-        step = max(1, len(paths) // self.config.fit_images)
-        sample = list(paths)[::step][: self.config.fit_images]
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="lens-sift-fit") as pool:
-            found = [f for f in pool.map(self._try_prepare, sample) if f is not None and len(f)]
-        per_image = max(1, self.config.fit_descriptors // max(1, len(found)))
-        rng = np.random.default_rng(0)
-        chosen = [f.descriptors if len(f) <= per_image
-                  else f.descriptors[rng.choice(len(f), per_image, replace=False)] for f in found]
-        descriptors = root_sift(np.concatenate(chosen)) if chosen else np.zeros((0, 128), np.float32)
+        def describe(path: Path) -> np.ndarray | None:
+            features = self._try_prepare(path)
+            return None if features is None else features.descriptors
+
+        descriptors = sample_descriptors(paths, describe, self.config.fit_images, self.config.fit_descriptors,
+                                         "sift")
         words = self.config.words
         if len(descriptors) < words:
             raise LensError(f"method '{self.info.name}' found {len(descriptors)} SIFT keypoints in "
