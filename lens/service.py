@@ -9,6 +9,7 @@ one method or compares them all, timing each search.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import threading
@@ -25,7 +26,7 @@ from lens.detect import DEFAULT_MARGIN, Box, box_at, create_detector, main_subje
 from lens.errors import IndexMismatchError, IndexNotFoundError, LensError
 from lens.gallery import Gallery, SearchResult
 from lens.draw import draw_outline
-from lens.images import MIN_REGION, display_path, fit_region, load_image, region_around
+from lens.images import MIN_REGION, display_path, fit_region, iter_image_files, load_image, region_around
 from lens.search import AUTO, TEXT_WEIGHT, query_picture
 
 log = logging.getLogger("lens")
@@ -191,6 +192,31 @@ class LensService:
         similar) first whenever a served method is ready, then each ready method."""
         ready = self.ready_methods()
         return [AUTO, *ready] if ready else []
+
+    def gallery_size(self) -> int:
+        """Images in the largest ready index (0 while none is ready)."""
+        sizes = [len(self.gallery.open(m).items) for m in self.ready_methods()]
+        return max(sizes, default=0)
+
+    def check_k(self, k: float | int | str | None) -> int:
+        """``k`` (results asked for) as an int: a whole number from 1 to the gallery's size (larger is
+        cut to the size once an index is ready). Raises :class:`LensError` otherwise (0.1, 0, -3, "x")."""
+        try:
+            value = float(k)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            value = float("nan")
+        size = self.gallery_size()
+        if not (value >= 1 and value == int(value)):
+            upper = f" to {size}" if size else " or more"
+            raise LensError(f"the number of results (k) is a whole number from 1{upper}, got {k!r}")
+        return min(int(value), size) if size else int(value)
+
+    def example_photos(self, count: int = 6, look_at: int = 600) -> list[Path]:
+        """A few photos of the gallery to try it with: ``count`` spread evenly over the first
+        ``look_at`` image files found (sorted; a folder of any size is never walked in full)."""
+        files = list(itertools.islice(iter_image_files(self.gallery.root), look_at))
+        step = max(1, len(files) // count)
+        return files[::step][:count]
 
     # -- detection -------------------------------------------------------------------------------
     def detect(self, image: Image.Image, detector: str | None = None, threshold: float = 0.25) -> list[Box]:

@@ -116,8 +116,8 @@ def test_the_pages_upload_then_search_decodes_once_and_crops_once(served, monkey
     monkeypatch.setattr(lens.images, "_open", lambda *a, **kw: decodes.append(Path(a[0])) or decode(*a, **kw))
     monkeypatch.setattr(lens.images, "expand_box", lambda *a, **kw: crops.append(a[0]) or widen(*a, **kw))
     on = app.Handlers(service)
-    image, boxes, subject, _ = on.on_photo(str(EXAMPLE), "test-quadrants", 0.25)
-    view, shown, exact, results, note = on.on_search(image, boxes, subject["value"], "resnet50", 3)
+    image, boxes, region, _, subject, _, _ = on.on_photo(str(EXAMPLE), "test-quadrants", 0.25)
+    view, shown, exact, results, note, *_ = on.on_search(image, boxes, region, subject["value"], "resnet50", 3)
     assert len(results) == 3 and "resnet50" in note
     assert decodes.count(EXAMPLE) == 1 and len(crops) == 1, (decodes, crops)
     assert shown.size != image.size  # the main subject was cropped, and that crop is what was searched
@@ -256,14 +256,14 @@ def test_the_pages_text_box_searches_with_or_without_a_photo(served_words):
 
     _, service, kinds = served_words
     on = app.Handlers(service)
-    view, crop, exact, results, note = on.on_search(None, [], app.WHOLE, "clip", 4, "  red ", 0.5)
+    view, crop, exact, results, note, *_ = on.on_search(None, [], None, app.WHOLE, "clip", 4, "  red ", 0.5)
     assert view is None and crop is None and exact == [] and len(results) == 4
     assert all(kinds[caption.split(" · ")[-1]][0] == "red" for _, caption in results)
     assert "“red”" in note and "far lower scale" in note  # the score's meaning is shown
     photo = app.load_image(service.gallery.root / "blue-circle-0.png")
-    view, crop, exact, results, note = on.on_search(photo, [], app.WHOLE, "clip", 4, "red", 0.6)
+    view, crop, exact, results, note, *_ = on.on_search(photo, [], None, app.WHOLE, "clip", 4, "red", 0.6)
     assert kinds[results[0][1].split(" · ")[-1]][0] == "red" and "+ “red”" in note and "image + words" in note
-    _, _, exact, results, note = on.on_search(None, [], app.WHOLE, "clip", 4, "", 0.5)
+    _, _, exact, results, note, *_ = on.on_search(None, [], None, app.WHOLE, "clip", 4, "", 0.5)
     assert exact == results == [] and "type words" in note
 
 
@@ -274,7 +274,7 @@ def test_words_without_a_method_that_reads_them_keep_the_photos_results(served):
     _, service = served
     on = app.Handlers(service)
     photo = app.load_image(next(p for p in sorted(service.gallery.root.rglob("*")) if p.is_file()))
-    view, crop, exact, results, note = on.on_search(photo, [], app.WHOLE, "resnet50", 3, "in red", 0.5)
+    view, crop, exact, results, note, *_ = on.on_search(photo, [], None, app.WHOLE, "resnet50", 3, "in red", 0.5)
     assert view is not None and len(results) == 3 and "words were left out" in note
-    _, _, exact, results, note = on.on_search(None, [], app.WHOLE, "resnet50", 3, "red", 0.5)
+    _, _, exact, results, note, *_ = on.on_search(None, [], None, app.WHOLE, "resnet50", 3, "red", 0.5)
     assert exact == results == [] and "Words alone cannot be searched here" in note
