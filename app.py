@@ -53,8 +53,11 @@ CSS = """
                             left: 0; opacity: 0.92 !important; font-size: 0.78em; line-height: 1.25; }
 #lens-compare { max-width: 100%; overflow-x: auto; }
 #lens-compare table { table-layout: auto; }
-@media (max-width: 640px) {
-  #lens-view img, #lens-upload img { max-height: 260px; }
+.lens-grid .grid-wrap { height: auto !important; min-height: 0 !important; }
+#lens-exact:not(:has(img)) { display: none; }  /* no exact match: no empty row */
+@media (max-width: 640px) {  /* a phone: the photo as tall as it is, so results start sooner */
+  #lens-view, #lens-view .image-container, #lens-view button, #lens-view .image-frame { height: auto !important; }
+  #lens-view img { max-height: 360px; }
 }
 """
 
@@ -357,11 +360,12 @@ class Handlers:
         return gr.update(info=f"{method}" if method and short_name(method) != method
                          else "Only methods with a ready index are listed.")
 
-    def on_status(self):
+    def on_status(self, current: str | None = None):
         ready = self.service.search_choices()
         building = any(s.status in ("queued", "building") for s in self.service.states())
         size = self.service.gallery_size()
-        return (status_markdown(self.service), gr.update(choices=_method_choices(ready)),
+        value = current if current in ready else (ready[0] if ready else None)  # the first ready, once one is
+        return (status_markdown(self.service), gr.update(choices=_method_choices(ready), value=value),
                 gr.update(maximum=size or None), gr.Timer(active=building))
 
     def on_load(self, current: str | None):
@@ -490,8 +494,12 @@ def build_app(service: LensService, examples: Sequence[str] | None = None) -> gr
         for trigger in (detector.change, threshold.release):
             trigger(on.on_photo, [original, detector, threshold], photo_outputs, concurrency_limit=2, **quiet
                     ).then(on.on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)
+        # no full overlay on the photo while a click is handled: the next click (a region's second
+        # corner) must reach it
         view.select(on.on_click, [original, boxes, region, corner, tool, subject], [region, corner, subject, view, hint],
-                    **quiet).then(on.after_click, [corner, *search_inputs], search_outputs, concurrency_limit=4, **quiet)
+                    show_progress="minimal", **quiet
+                    ).then(on.after_click, [corner, *search_inputs], search_outputs, concurrency_limit=4,
+                           show_progress="minimal", **quiet)
         corners.submit(on.on_region, [original, boxes, corners], [region, corner, subject, hint], **quiet
                        ).success(on.on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)
         tool.change(lambda: None, None, corner, **quiet)  # a half-drawn region is dropped
@@ -503,7 +511,7 @@ def build_app(service: LensService, examples: Sequence[str] | None = None) -> gr
         results.select(on.on_open_similar, found, open_outputs, **quiet)
         compare_button.click(on.on_compare, [original, boxes, region, subject, k], [table, *compare_galleries],
                              concurrency_limit=2, **quiet)
-        timer.tick(on.on_status, None, [status, method, k, timer], **quiet)
+        timer.tick(on.on_status, method, [status, method, k, timer], **quiet)
         demo.load(on.on_load, method, [method, status, k], **quiet)
 
         gr.api(on.api_detect, api_name="detect", concurrency_limit=2)
