@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -186,6 +187,8 @@ class Handlers:
 
     def __init__(self, service: LensService):
         self.service = service
+        self._lock = threading.Lock()
+        self._last_upload: dict[str, str | None] = {}  # page (session) -> the upload it last handled
 
     def caption(self, results: Sequence[SearchResult]) -> list[tuple[str, str]]:
         """Gallery items: (thumbnail, ``#rank · score · path relative to the gallery``)."""
@@ -231,6 +234,19 @@ class Handlers:
         subject = _choices(boxes)[main + 1] if main is not None else WHOLE
         return (image, boxes, None, None, gr.update(choices=_choices(boxes), value=subject),
                 draw_boxes(image, boxes, main), found + HINT)
+
+    def on_upload(self, photo: Image.Image | str | None, detector: str, threshold: float, request: gr.Request):
+        """:meth:`on_photo` for the upload widget, once per file and page: replacing a photo fires the
+        widget's change event twice with the same file (Gradio 6), which showed each warning twice."""
+        page = getattr(request, "session_hash", None) or ""
+        with self._lock:
+            repeated = isinstance(photo, str) and self._last_upload.get(page) == photo
+            self._last_upload[page] = photo if isinstance(photo, str) else None
+            while len(self._last_upload) > 1000:  # pages long closed
+                self._last_upload.pop(next(iter(self._last_upload)))
+        if repeated:  # an error nobody sees: the search chained after this event does not run again
+            raise gr.Error("the same upload again", visible=False, print_exception=False)
+        return self.on_photo(photo, detector, threshold)
 
     def on_click(self, image: Image.Image | None, boxes: list[Box], region: Box | None,
                  corner: list[float] | None, tool: str, subject: str, event: gr.SelectData):
@@ -489,8 +505,10 @@ def build_app(service: LensService, examples: Sequence[str] | None = None) -> gr
         search_outputs = [view, crop, exact, results, info, found, corners, opened]
         photo_outputs = [original, boxes, region, corner, subject, view, hint]
         quiet: dict[str, Any] = {"api_visibility": "private"}
-        upload.change(on.on_photo, [upload, detector, threshold], photo_outputs, concurrency_limit=2, **quiet
-                      ).then(on.on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)
+        # a new photo: the previous photo's toasts go (they would be stale)
+        upload.change(None, js="() => document.querySelectorAll('.toast-close').forEach(b => b.click())", **quiet)
+        upload.change(on.on_upload, [upload, detector, threshold], photo_outputs, concurrency_limit=2, **quiet
+                      ).success(on.on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)
         for trigger in (detector.change, threshold.release):
             trigger(on.on_photo, [original, detector, threshold], photo_outputs, concurrency_limit=2, **quiet
                     ).then(on.on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)

@@ -145,7 +145,10 @@ def test_click_a_box_switch_method_and_see_results(app_url, tmp_path):
         for name, message in [("text.jpg", "'text.jpg' is not an image lens can read"),
                               ("bomb.png", "'bomb.png' is refused as a possible decompression bomb")]:
             upload.set_input_files(str(corpus / name))
-            expect(page.locator(".toast-body").filter(has_text=message).first).to_be_visible(timeout=60_000)
+            toast = page.locator(".toast-body").filter(has_text=message)
+            expect(toast.first).to_be_visible(timeout=60_000)
+            expect(page.locator("#lens-results img")).to_have_count(0, timeout=30_000)
+            assert " ".join(toast.all_inner_texts()).count(message) == 1  # one toast per event, not one per change
             expect(page.locator("#lens-results img")).to_have_count(0, timeout=30_000)
             expect(info).to_contain_text("Upload a photo", timeout=30_000)
         upload.set_input_files(str(EXAMPLE))
@@ -212,6 +215,19 @@ def test_any_region_is_searched_a_result_opens_and_every_width_fits(app_url):
             expect(checked).to_have_value(re.compile(r"^✎ your region: " + corners), timeout=30_000)
             expect(info).to_contain_text(re.compile(rf"results for your region \({corners}\)"), timeout=60_000)
             expect(page.locator("#lens-results img")).to_have_count(8, timeout=30_000)
+
+            if screen == 1400:  # k: Enter searches; a whole number from 1 to the gallery's size
+                k = page.locator("#lens-k input")
+                k.fill("3")
+                k.press("Enter")
+                expect(page.locator("#lens-results img")).to_have_count(3, timeout=60_000)
+                k.fill("0.1")
+                k.press("Enter")
+                expect(page.locator(".toast-body").first).to_contain_text("1", timeout=30_000)
+                expect(page.locator("#lens-results img")).to_have_count(3)  # nothing searched
+                k.fill("8")
+                k.press("Enter")
+                expect(page.locator("#lens-results img")).to_have_count(8, timeout=60_000)
 
             # open a result: the original, its path and a download
             page.locator("#lens-results .thumbnail-item").first.click()
