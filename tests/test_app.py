@@ -278,3 +278,56 @@ def test_words_without_a_method_that_reads_them_keep_the_photos_results(served):
     assert view is not None and len(results) == 3 and "words were left out" in note
     _, _, exact, results, note, *_ = on.on_search(None, [], None, app.WHOLE, "resnet50", 3, "red", 0.5)
     assert exact == results == [] and "Words alone cannot be searched here" in note
+
+
+def test_status_says_a_failure_in_one_line_with_details_folded_and_names_are_short(tmp_path):
+    import app
+    from lens.methods import register_method, short_name
+
+    @register_method("test-broken-weights")
+    def _broken(spec, model=None):
+        raise RuntimeError("cannot load the weights\n  File x.py, line 1\n  File y.py, line 2\nOSError: gone")
+
+    write_gallery(tmp_path / "photos", 3)
+    service = LensService(Gallery(tmp_path / "photos", tmp_path / "idx"), ["test-broken-weights", "phash"])
+    service.start(background=False)
+    lines = app.status_markdown(service).splitlines()
+    broken = next(line for line in lines if "test-broken-weights" in line)
+    assert "failed (cannot load the weights)" in broken and broken.index("<details>") > broken.index("failed")
+    assert lines[-1].startswith("```") is False and any("● **phash**: ready" in line for line in lines)
+    assert [short_name(s) for s in ("vit", "hf:facebook/dinov2-small", "hf:../w/efficientnet_lite0.in1k/")] == [
+        "vit", "dinov2-small", "efficientnet_lite0.in1k"]
+    assert app._method_choices(["auto", "hf:../w/efficientnet_lite0.in1k"]) == [
+        ("auto", "auto"), ("efficientnet_lite0.in1k", "hf:../w/efficientnet_lite0.in1k")]
+
+
+def test_a_click_outside_every_box_and_a_drawn_region_are_searched(served):
+    """The page's click events: outside every box, a region around the click; Draw, two corners."""
+    import app
+
+    _, service = served
+    on = app.Handlers(service)
+    image, boxes, region, corner, subject, _, hint = on.on_photo(str(EXAMPLE), "test-quadrants", 0.25)
+    width, height = image.size
+
+    class Click:  # what gr.SelectData carries for a click on the photo
+        def __init__(self, x, y):
+            self.index = (x, y)
+
+    region, corner, subject, _, hint = on.on_click(image, boxes, region, None, app.PICK, subject["value"],
+                                                   Click(width * 0.75, height * 0.9))  # under no box
+    assert corner is None and subject["value"].startswith(app.REGION + "region around") and "No detected object" in hint
+    view, crop, _, results, note, found, corners, _ = on.on_search(image, boxes, region, subject["value"], "resnet50", 3)
+    assert len(results) == 3 and "results for *region around" in note and crop.size < image.size
+    assert [f["rank"] for f in found] == [1, 2, 3]
+    _, corner, _, _, hint = on.on_click(image, boxes, region, None, app.DRAW, subject["value"], Click(10, 20))
+    assert corner == [10, 20] and "opposite corner" in hint
+    assert on.after_click(corner, image, boxes, region, subject["value"], "resnet50", 3)[0] is not None  # skipped
+    region, corner, subject, _, _ = on.on_click(image, boxes, region, corner, app.DRAW, subject["value"], Click(60, 2))
+    assert corner is None and region.xyxy == (10, 2, 60, 20) and region.label == "your region"
+    *_, note, found, corners, opened = on.on_search(image, boxes, region, subject["value"], "resnet50", 2)
+    assert "*your region* (10, 2, 60, 20)" in note and corners == "10, 2, 60, 20" and len(found) == 2
+    shown, picture, download, caption = on.on_open(found, 1)
+    assert shown["visible"] and Path(picture["value"]).is_file() and "#2" in caption
+    region, *_ = on.on_region(image, boxes, "70, 80, 20, 30")
+    assert region.xyxy == (20, 30, 70, 80)
