@@ -54,12 +54,14 @@ CSS = """
                             left: 0; opacity: 0.92 !important; font-size: 0.78em; line-height: 1.25; }
 #lens-compare { max-width: 100%; overflow-x: auto; }
 #lens-compare table { table-layout: auto; }
-.lens-grid .grid-wrap { height: auto !important; min-height: 0 !important; }
+.lens-grid .grid-wrap { height: auto !important; min-height: 0 !important; max-height: none !important;
+                        overflow: visible !important; }
+.lens-grid { height: auto !important; max-height: none !important; }
 #lens-exact:not(:has(img)) { display: none; }  /* no exact match: no empty row */
-@media (max-width: 640px) {  /* a phone: the photo as tall as it is, so results start sooner */
-  #lens-view, #lens-view .image-container, #lens-view button, #lens-view .image-frame { height: auto !important; }
-  #lens-view img { max-height: 360px; }
-}
+/* the photo as tall as it is shown (no empty bands in a narrow column), so results start sooner */
+#lens-view, #lens-view .image-container, #lens-view button, #lens-view .image-frame { height: auto !important; }
+#lens-view img { max-height: 420px; }
+@media (max-width: 640px) { #lens-view img { max-height: 360px; } }
 """
 
 
@@ -362,7 +364,7 @@ class Handlers:
             raise gr.Error("Upload a photo first.")
         box, _ = _subject(boxes, region, subject)
         outcomes = {o.method: o for o in self.service.compare(image, self.service.check_k(k), box)}
-        rows = [[short_name(o.method), round(o.seconds * 1000, 1), _name(o.results[0].path) if o.results else "",
+        rows = [[short_name(o.method), round(o.seconds * 1000), _name(o.results[0].path) if o.results else "",
                  o.results[0].score_text if o.results else "", (o.error or "").splitlines()[0] if o.error else ""]
                 for o in outcomes.values()]
         galleries = [gr.update(value=self.caption(outcomes[m].results) if m in outcomes else [],
@@ -493,7 +495,8 @@ def build_app(service: LensService, examples: Sequence[str] | None = None) -> gr
                     compare_button = gr.Button("Compare every ready method", variant="primary",
                                                elem_id="lens-compare-button")
                     table = gr.Dataframe(headers=["method", "ms", "top result", "top score", "error"],
-                                         interactive=False, wrap=True, elem_id="lens-compare")
+                                         interactive=False, wrap=True, elem_id="lens-compare",
+                                         column_widths=["28%", "12%", "28%", "14%", "18%"])
                     compare_galleries = [gr.Gallery(label=short_name(m), columns=8, height="auto", preview=False,
                                                     allow_preview=False, elem_classes="lens-grid")
                                          for m in service.methods]

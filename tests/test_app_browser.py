@@ -179,7 +179,7 @@ def _no_horizontal_overflow(page) -> None:
 
 def test_any_region_is_searched_a_result_opens_and_every_width_fits(app_url):
     """A click outside every detected box searches the area around it; two clicks in Draw mode search a
-    region the detector did not find; a result opens; the search and compare tabs fit 390 and 1400 px
+    region the detector did not find; a result opens; the search and compare tabs fit 390, 768 and 1400 px
     (screenshots: artifacts/app-*-390.png, artifacts/app-*-1400.png)."""
     from playwright.sync_api import expect, sync_playwright
 
@@ -190,7 +190,7 @@ def test_any_region_is_searched_a_result_opens_and_every_width_fits(app_url):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
                                     args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
-        for screen in (1400, 390):
+        for screen in (1400, 768, 390):
             page = browser.new_page(viewport={"width": screen, "height": 1000})
             page.goto(url)
             page.locator("#lens-upload input[type=file]").set_input_files(str(EXAMPLE))
