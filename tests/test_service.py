@@ -89,3 +89,24 @@ def test_a_click_picks_the_smallest_box_under_it_or_a_region_around_it():
     assert not any(region.xyxy == b.xyxy for b in boxes)
     drawn = LensService.region((190, 90, 120, 40), (200, 100))
     assert drawn.xyxy == (120, 40, 190, 90) and drawn.label == "your region"
+
+
+def test_examples_are_a_few_photos_spread_over_the_gallery(tmp_path):
+    folder = tmp_path / "photos"
+    write_gallery(folder, 20)
+    service = LensService(Gallery(folder, tmp_path / "idx"), ["phash"])
+    examples = service.example_photos(6)
+    assert len(examples) == 6 == len(set(examples)) and all(p.is_file() and folder in p.parents for p in examples)
+    assert examples != sorted(folder.iterdir())[:6]  # spread, not the first six
+    assert service.example_photos(6, look_at=3) == sorted(folder.iterdir())[:3]
+
+
+def test_k_is_a_whole_number_from_one_to_the_gallery_size(tmp_path):
+    folder = tmp_path / "photos"
+    write_gallery(folder, 5)
+    service = LensService(Gallery(folder, tmp_path / "idx"), ["phash"])
+    service.start(background=False)
+    assert service.check_k(3) == 3 and service.check_k("4") == 4 and service.check_k(8.0) == 5
+    for bad in (0, 0.1, -3, "x", None, float("nan")):
+        with pytest.raises(LensError, match="from 1 to 5"):
+            service.check_k(bad)
