@@ -331,3 +331,16 @@ def test_a_click_outside_every_box_and_a_drawn_region_are_searched(served):
     assert shown["visible"] and Path(picture["value"]).is_file() and "#2" in caption
     region, *_ = on.on_region(image, boxes, "70, 80, 20, 30")
     assert region.xyxy == (20, 30, 70, 80)
+
+
+def test_the_note_says_exact_matches_are_of_the_photo_and_similar_ones_of_the_subject():
+    import app
+    from lens.service import Outcome
+    from lens.types import SearchResult
+
+    exact = SearchResult(1, "poster.jpg", 42, Path("poster.jpg"), kind="inliers", match="exact", inliers=42)
+    similar = SearchResult(2, "man.jpg", 0.7, Path("man.jpg"))
+    note = app._note(Outcome("auto", [exact, similar], 0.05), "*person*")
+    assert "1 exact match in the photo (outlined), 1 similar to *person*" in note and note.startswith("**auto**")
+    assert "2 results for *cup*" in app._note(Outcome("hf:../w/effnet", [similar, similar], 0.05), "*cup*")
+    assert app._note(Outcome("hf:../w/effnet", [similar], 0.05), "*cup*").startswith("**effnet**")
