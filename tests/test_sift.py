@@ -134,6 +134,17 @@ def test_sift_without_a_gallery_vocabulary_says_what_to_do():
         create_method("sift", octaves=3)
 
 
+def test_a_gallery_too_plain_for_a_vocabulary_gets_a_clear_error(tmp_path):
+    """Regression: the message named an undefined variable, so a plain gallery raised NameError."""
+    from PIL import Image
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"plain{i}.png")
+        Image.new("RGB", (64, 64), (40 * i, 90, 120)).save(paths[-1])
+    with pytest.raises(LensError, match="keypoints in 3 gallery images, too few to learn 64 visual words"):
+        create_method("sift").fit(paths)
+
+
 def test_damaged_keypoints_are_detected(photos, tmp_path):
     gallery = Gallery(photos, tmp_path / "idx")
     gallery.index(["sift"], progress=False)

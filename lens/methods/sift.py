@@ -266,7 +266,7 @@ class Sift(BaseMethod):
         words = self.config.words
         if len(descriptors) < words:
             raise LensError(f"method '{self.info.name}' found {len(descriptors)} SIFT keypoints in "
-                            f"{len(sample)} gallery images, too few to learn {words} visual words; "
+                            f"{min(len(paths), self.config.fit_images)} gallery images, too few to learn {words} visual words; "
                             "the gallery needs more (or more textured) images")
         kmeans = faiss.Kmeans(128, words, niter=20, seed=0, min_points_per_centroid=1,
                               max_points_per_centroid=max(256, len(descriptors) // words + 1))
