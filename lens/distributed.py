@@ -26,7 +26,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,8 @@ log = logging.getLogger("lens")
 RAY_REQUIREMENT = "ray[data]==2.60.0"
 #: Model batches per Ray batch: an actor decodes the next model batch while the model runs one.
 MODEL_BATCHES_PER_RAY_BATCH = 4
+#: Seconds a local Ray's processes get to end after ``ray.shutdown`` before they are killed.
+STOP_WAIT = 10.0
 Embed = Callable[..., Embedded]  # embed_files(method, paths, *, batch_size, ...) -> Embedded
 
 
@@ -80,6 +82,7 @@ class RayCluster:
     cpus_per_actor: float = 0.5
     gpus_per_actor: float | None = None
     temp_dir: str | None = None
+    _started_here: bool = field(default=False, init=False, repr=False)
 
     def __enter__(self) -> RayCluster:
         self.start()
@@ -105,6 +108,7 @@ class RayCluster:
             if self.address is None:
                 ray.init(num_cpus=self.num_cpus, _node_ip_address="127.0.0.1", _temp_dir=self.temp_dir,
                          **options)
+                self._started_here = True
             else:
                 ray.init(address=self.address, **options)
         except Exception as exc:  # ConnectionError, ValueError, RuntimeError (auth) ...
@@ -116,10 +120,27 @@ class RayCluster:
         context.print_on_execution_start = False
 
     def stop(self) -> None:
-        """Disconnect; a local Ray stops with its processes."""
+        """Disconnect; a local Ray started here stops with every process it started.
+
+        ``ray.shutdown`` ends the GCS and the raylet, but a worker that was still busy can outlive them
+        for minutes (seen here: finished actors spinning, orphaned, under load); those left after
+        ``STOP_WAIT`` seconds are killed.
+        """
         ray = _import_ray()
-        if ray.is_initialized():
-            ray.shutdown()
+        if not ray.is_initialized():
+            return
+        ours = _ray_processes() if self._started_here else []
+        ray.shutdown()
+        self._started_here = False
+        if ours:
+            import psutil
+
+            _, alive = psutil.wait_procs(ours, timeout=STOP_WAIT)
+            for process in alive:
+                log.warning("stopping Ray process %d (%s), still running after Ray shut down",
+                            process.pid, process.name())
+                process.kill()
+            psutil.wait_procs(alive, timeout=STOP_WAIT)
 
     def resources(self) -> tuple[float, float]:
         """The cluster's CPUs and GPUs (logical, as Ray counts them)."""
@@ -249,6 +270,24 @@ class _EmbedActor:
                 vectors[n] = embedded.vectors[row[name]]
         errors = np.array([why.get(name, "" if name in row else "not embedded") for name in names], dtype=object)
         return {"path": np.array(names, dtype=object), "vector": vectors, "error": errors}
+
+
+def _ray_processes() -> list[Any]:
+    """The processes of the local Ray this process started: its descendants running Ray (GCS, raylet,
+    agents, workers); none when psutil is missing."""
+    try:
+        import psutil
+    except ImportError:
+        return []
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            command = " ".join(process.cmdline()) or process.name()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if "ray" in command:
+            found.append(process)
+    return found
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:

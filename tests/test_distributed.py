@@ -125,15 +125,14 @@ def _connections(process: psutil.Process) -> list:
         return []
 
 
-@needs_ray
-def test_an_actor_with_other_weights_is_refused(cluster, tiny_resnet, tiny_resnet_other, tmp_path):
-    """Nodes that load another model than the driver (another file at the same path) fail the run."""
+def test_an_actor_with_other_weights_is_refused(tiny_resnet, tiny_resnet_other):
+    """A node that loads another model than the driver (another file at the same path) refuses to embed."""
+    from lens.distributed import _EmbedActor
     from lens.methods import create_method
 
-    folder = _gallery(tmp_path / "photos", count=3)
-    method = create_method(f"hf:{tiny_resnet}")
+    info = create_method(f"hf:{tiny_resnet}").info
     with pytest.raises(LensError, match="other weights"):
-        cluster.embed(f"hf:{tiny_resnet_other}", None, method, sorted(folder.glob("*.jpg")), progress=False)
+        _EmbedActor(f"hf:{tiny_resnet_other}", None, info.weights, info.dim, os.getcwd(), batch_size=8, workers=1)
 
 
 @needs_ray
