@@ -122,9 +122,9 @@ class RayCluster:
     def stop(self) -> None:
         """Disconnect; a local Ray started here stops with every process it started.
 
-        ``ray.shutdown`` ends the GCS and the raylet, but a worker that was still busy can outlive them
-        for minutes (seen here: finished actors spinning, orphaned, under load); those left after
-        ``STOP_WAIT`` seconds are killed.
+        ``ray.shutdown`` ends the GCS and the raylet, but the embedding actors outlive them, orphaned
+        and spinning for minutes (Ray 2.60, seen on every run here); those left after ``STOP_WAIT``
+        seconds are killed.
         """
         ray = _import_ray()
         if not ray.is_initialized():
@@ -137,8 +137,7 @@ class RayCluster:
 
             _, alive = psutil.wait_procs(ours, timeout=STOP_WAIT)
             for process in alive:
-                log.warning("stopping Ray process %d (%s), still running after Ray shut down",
-                            process.pid, process.name())
+                log.info("stopping Ray process %d, still running after Ray shut down", process.pid)
                 process.kill()
             psutil.wait_procs(alive, timeout=STOP_WAIT)
 
