@@ -82,7 +82,8 @@ class RayCluster:
     cpus_per_actor: float = 0.5
     gpus_per_actor: float | None = None
     temp_dir: str | None = None
-    _started_here: bool = field(default=False, init=False, repr=False)
+    _connected: bool = field(default=False, init=False, repr=False)  #: ray.init was called by this object
+    _started_here: bool = field(default=False, init=False, repr=False)  #: ... and started a local Ray
 
     def __enter__(self) -> RayCluster:
         self.start()
@@ -92,7 +93,8 @@ class RayCluster:
         self.stop()
 
     def start(self) -> None:
-        """Connect to the cluster (or start the local one); a no-op when this process already is."""
+        """Connect to the cluster (or start the local one); a no-op when this process already is
+        connected to a Ray (then that one is used, and :meth:`stop` leaves it be)."""
         if self.address is None:
             # Ray picks the machine's outward address unless it runs "without clusters", which it reads
             # when imported: then every Ray process (GCS, raylet, workers) listens on 127.0.0.1 only
@@ -111,6 +113,7 @@ class RayCluster:
                 self._started_here = True
             else:
                 ray.init(address=self.address, **options)
+            self._connected = True
         except Exception as exc:  # ConnectionError, ValueError, RuntimeError (auth) ...
             where = f"at '{self.address}'" if self.address else "on this machine"
             raise LensError(f"cannot start or reach a Ray cluster {where}: {_first_line(exc)}") from exc
@@ -120,18 +123,18 @@ class RayCluster:
         context.print_on_execution_start = False
 
     def stop(self) -> None:
-        """Disconnect; a local Ray started here stops with every process it started.
+        """Disconnect if :meth:`start` connected; a local Ray started here stops with every process it started.
 
         ``ray.shutdown`` ends the GCS and the raylet, but the embedding actors outlive them, orphaned
         and spinning for minutes (Ray 2.60, seen on every run here); those left after ``STOP_WAIT``
         seconds are killed.
         """
         ray = _import_ray()
-        if not ray.is_initialized():
+        if not (self._connected and ray.is_initialized()):
             return
         ours = _ray_processes() if self._started_here else []
         ray.shutdown()
-        self._started_here = False
+        self._connected = self._started_here = False
         if ours:
             import psutil
 
@@ -308,10 +311,8 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
 def _runtime_env() -> dict[str, Any]:
     """What every Ray worker needs to run this lens: its package (shipped by Ray, so the actors run the
     driver's code whatever lens the nodes have installed) and the settings that change the vectors."""
-    import lens
-
     env = {name: os.environ[name] for name in ("LENS_RUNTIME", "HF_HUB_OFFLINE") if name in os.environ}
-    return {"py_modules": [os.path.dirname(os.path.abspath(lens.__file__))], "env_vars": env}
+    return {"py_modules": [str(Path(__file__).resolve().parent)], "env_vars": env}
 
 
 def _row_shape(method: Method) -> tuple[int, np.dtype]:
