@@ -8,8 +8,8 @@ In one run, each on a fresh index of the same image files with the same method:
   pipeline whose N actors each load the model once and embed batches of paths; the local Ray is
   started once before the first Ray build (its start-up is printed apart and not counted).
 
-Printed per way: embedding images/s (images embedded / embedding seconds, what ``lens index``
-prints), the whole build's seconds (embedding + index + publishing; for Ray, actor start-up and
+Printed per way: embedding images/s (images embedded / embedding seconds,
+``IndexReport.images_per_second``), the whole build's seconds (embedding + index + publishing; for Ray, actor start-up and
 model loads included), and whether the stored vectors equal the single-process ones.
 
     flock /tmp/lens-heavy.lock python -m benchmarks.ray_embedding      # 4,000 distractors, ~5 min on 2 cores
