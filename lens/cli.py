@@ -20,6 +20,8 @@ from lens.methods import parse_models
 DEFAULT_INDEX_METHODS = "resnet50,local"
 #: searched by default: the combined search, exact matches first (see lens.search)
 DEFAULT_SEARCH = "auto"
+#: ``--ray`` without an address: start a local Ray
+LOCAL_RAY = "local"
 Handler = Callable[[argparse.Namespace], int]
 
 
@@ -68,6 +70,13 @@ def _index_parser(sub: argparse._SubParsersAction) -> Handler:
     parser.add_argument("--batch-size", type=int, help="images per model call (default: 8 on CPU, 32 on a GPU)")
     parser.add_argument("--workers", type=int, default=2, help="image decoding threads")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--ray", nargs="?", const=LOCAL_RAY, metavar="ADDRESS",
+                        help="embed on a Ray cluster (Ray Data; pip install 'lens[scale]'): without ADDRESS a "
+                             "local Ray on this machine, bound to 127.0.0.1; else the cluster's address (auto, "
+                             "HOST:6379, ray://HOST:10001), whose nodes see the gallery at the same path. sift "
+                             "and local are still built here (see docs/scaling-out-ray.md)")
+    parser.add_argument("--ray-actors", type=int, metavar="N",
+                        help="embedding actors, one model each (default: one per GPU, else one per CPU)")
     _add_common(parser)
     return _run_index
 
@@ -79,10 +88,20 @@ def _run_index(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise LensError("--methods is empty")
+    if args.ray_actors is not None and args.ray_actors < 1:
+        raise LensError("--ray-actors must be at least 1")
     started = time.perf_counter()
-    with logging_redirect_tqdm():
-        reports = gallery.index(methods, index_spec=args.index_spec, batch_size=args.batch_size,
-                                workers=args.workers, progress=not args.quiet)
+    if args.ray is not None:
+        from lens.distributed import RayCluster
+
+        address = None if args.ray == LOCAL_RAY else args.ray
+        with RayCluster(address, actors=args.ray_actors) as cluster, logging_redirect_tqdm():
+            reports = gallery.index(methods, index_spec=args.index_spec, batch_size=args.batch_size,
+                                    workers=args.workers, progress=not args.quiet, ray=cluster)
+    else:
+        with logging_redirect_tqdm():
+            reports = gallery.index(methods, index_spec=args.index_spec, batch_size=args.batch_size,
+                                    workers=args.workers, progress=not args.quiet)
     waited = time.perf_counter() - started
     for report in reports:
         # the rate of the time shown (scan, fit, decode, embed, write), not of the embedding step alone

@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lens.distributed import RayCluster, embeds_on_ray
+from lens.embedding import embed_files
 from lens.errors import CorruptIndexError, IndexNotFoundError, LensError
 from lens.images import IMAGE_EXTENSIONS, ImageSource, load_image
 from lens.indexing import IndexReport, build_index, scan, scan_files
@@ -167,11 +169,15 @@ class Gallery:
         workers: int = 2,
         progress: bool = True,
         on_progress: Callable[[str, int, int], None] | None = None,
+        ray: RayCluster | None = None,
     ) -> list[IndexReport]:
         """Build or refresh the index of every method; only new or changed images are embedded.
 
         ``progress`` shows a progress bar; ``on_progress(method, done, total)`` reports each batch.
-        ``batch_size`` (images per model call) defaults to 8 on CPU and 32 on a GPU.
+        ``batch_size`` (images per model call) defaults to 8 on CPU and 32 on a GPU. ``ray``: embed
+        on this Ray cluster (:mod:`lens.distributed`; started on first use, left running) instead
+        of in this process; a method that learns from the gallery (sift, local) is still built
+        here, with a warning. The index, its manifest and publishing are the same either way.
         """
         scan_skipped: list[tuple[str, str]] = []
         items = self.scan(scan_skipped)
@@ -180,10 +186,18 @@ class Gallery:
                             "extensions: .jpg, .png, .webp, .avif, .heic, .tif, .bmp, .gif, ...; see the README)")
         reports = []
         for spec in methods:
-            report = build_index(self.root, self.method_dir(spec), spec, self._base_method(spec), items,
+            base = self._base_method(spec)
+            embed = embed_files
+            if ray is not None and embeds_on_ray(base):
+                embed = ray.embedder(spec, self.model_for(spec))
+            elif ray is not None:
+                log.warning("%s: learns a vocabulary from the gallery, so it is not embedded on Ray "
+                            "(--ray runs methods that embed each image on its own: hf, resnet50, vit, clip, "
+                            "phash, ...); building it in this process", spec)
+            report = build_index(self.root, self.method_dir(spec), spec, base, items,
                                  index_spec=index_spec, batch_size=batch_size, workers=workers,
                                  progress=progress, on_progress=on_progress, gallery_root=self.root_id,
-                                 files=self.files, learn_from=self.learn_from)
+                                 files=self.files, learn_from=self.learn_from, embed=embed)
             report.skipped[:0] = scan_skipped
             reports.append(report)
         return reports

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from filelock import FileLock
 
-from lens.embedding import default_batch_size, embed_files
+from lens.embedding import Embedded, default_batch_size, embed_files
 from lens.errors import IndexMismatchError, LensError
 from lens.images import iter_image_files
 from lens.index import DEFAULT_INDEX, create_index, default_index
@@ -108,6 +108,7 @@ def build_index(
     gallery_root: str | None = None,
     files: Mapping[str, Path] | None = None,
     learn_from: Collection[str] | None = None,
+    embed: Callable[..., Embedded] = embed_files,
 ) -> IndexReport:
     """Build or refresh ``method_dir``'s index of the gallery ``root`` with the method ``base``.
 
@@ -124,7 +125,10 @@ def build_index(
     the build; a live build made for another root is rebuilt for this one (with a warning naming
     both). ``files``: where images are whose file is not ``root / id`` (an explicit gallery,
     :func:`scan_files`). ``learn_from``: the ids a method that learns from the gallery is fitted on
-    (default: every item). Raises :class:`LensError` when none of the images can be read.
+    (default: every item). ``embed``: what turns the new images into vectors, with
+    :func:`lens.embedding.embed_files`'s arguments and result (default: it, in this process; a Ray
+    cluster's: :meth:`lens.distributed.RayCluster.embedder`). Raises :class:`LensError` when none of
+    the images can be read.
     """
     files = files or {}
     started = time.perf_counter()
@@ -142,7 +146,7 @@ def build_index(
         batch_size = batch_size or default_batch_size(method)
         embed_started = time.perf_counter()
         by_file = {files.get(item.path, root / item.path): item.path for item in fresh}
-        embedded = embed_files(
+        embedded = embed(
             method, list(by_file),
             batch_size=batch_size, workers=workers, progress=progress, desc=spec,
             on_progress=(lambda done, total: on_progress(spec, done, total)) if on_progress else None,

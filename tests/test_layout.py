@@ -59,8 +59,8 @@ def test_the_walk_sees_an_upward_edge(tmp_path):
 
 
 #: lens's modules, lowest floor first (as README's Layout lists them): each imports only earlier ones.
-FLOORS = ["types", "errors", "version", "images", "trained", "methods", "index", "store", "embedding", "detect",
-          "draw", "indexing", "search", "gallery", "training", "evaluation", "service", "samples", "cli",
+FLOORS = ["types", "errors", "version", "images", "trained", "methods", "index", "store", "embedding", "distributed",
+          "detect", "draw", "indexing", "search", "gallery", "training", "evaluation", "service", "samples", "cli",
           "__main__", "__init__"]
 
 
