@@ -13,9 +13,15 @@ name ends in ``.db`` (pymilvus's rule), resolved against the working directory w
 TYPE: ``HNSW`` (default), ``IVF_FLAT``, ``IVF_SQ8``, ``IVF_PQ`` or ``FLAT``. OPTIONS (``key=value,...``):
 build parameters (``M``, ``efConstruction``, ``nlist``, ``m``, ``nbits``), search parameters (``ef``,
 ``nprobe``), and ``rerank=N`` (exact re-ranking of N candidates from the build's stored vectors, as
-for FAISS), ``timeout=S`` (seconds to wait for the server, default 10), ``consistency=`` ``Strong``
-(default: a search sees every write acknowledged before it) or ``Bounded`` / ``Session`` /
-``Eventually`` (`Milvus consistency levels <https://milvus.io/docs/consistency.md>`_).
+for FAISS), ``timeout=S`` (seconds to wait for the server, default 10), ``consistency=`` ``Bounded``
+(default) / ``Strong`` / ``Session`` / ``Eventually`` (`Milvus consistency levels
+<https://milvus.io/docs/consistency.md>`_) and ``settle=S`` (default 5).
+
+Consistency: a Bounded search sees every write older than the server's ``common.gracefulTime`` (5 s
+by default), so a re-index on a server waits ``settle`` seconds after its last write before it is
+published: every reader that opens the new build finds all of its rows. A Strong search needs no
+wait but costs a server time tick per query (about 200 ms on Milvus 2.3: measured in
+docs/scaling-out.md); Milvus Lite answers every search with what was written.
 
 One collection per gallery and method (:func:`collection_name`), fields ``id`` (INT64 primary key:
 the first 8 bytes of the SHA-256 of the image id), ``path`` (the image id, the path relative to the
@@ -38,6 +44,7 @@ import json
 import os
 import re
 import threading
+import time
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -161,7 +168,8 @@ class MilvusIndex:
             self.spec = spec.replace(f"milvus:{uri}", f"milvus:{self.uri}", 1)
         self.rerank = self._number(options.pop("rerank", "0"), "rerank", int)
         self.timeout = self._number(options.pop("timeout", "10"), "timeout", float)
-        self.consistency = options.pop("consistency", "Strong").capitalize()
+        self.settle = self._number(options.pop("settle", "5"), "settle", float)
+        self.consistency = options.pop("consistency", "Bounded").capitalize()
         if self.consistency not in CONSISTENCY:
             raise LensError(f"consistency '{self.consistency}' in '{spec}': use one of {', '.join(CONSISTENCY)}")
         self.build_params = dict(BUILD_PARAMETERS[kind])
@@ -172,7 +180,7 @@ class MilvusIndex:
             elif key in self.search_params:
                 self.search_params[key] = self._number(value, key, int)
             else:
-                known = [*self.build_params, *self.search_params, "rerank", "timeout", "consistency"]
+                known = [*self.build_params, *self.search_params, "rerank", "timeout", "consistency", "settle"]
                 raise LensError(f"index option '{key}' does not apply to Milvus {kind} ('{spec}'); "
                                 f"known: {', '.join(known)}")
         self.collection: str | None = None
@@ -299,6 +307,8 @@ class MilvusIndex:
             self._call("record the build's facts", self.client.alter_collection_properties, self.collection,
                        properties={FACTS: json.dumps(facts)})
         self._call("flush", self.client.flush, self.collection)
+        if (rows or gone) and is_server(self.uri) and self.consistency != "Strong":
+            time.sleep(self.settle)  # until a Bounded search sees every write (see the module's docs)
 
     def _attach_ids(self, keys: Sequence[str]) -> None:
         self._ids = np.fromiter((key_id(key) for key in keys), dtype=np.int64, count=len(keys))
