@@ -41,6 +41,7 @@ def start(data_dir: Path, port: int | None = None, timeout: float = 240.0) -> tu
     if command is None:
         raise RuntimeError("milvus-server is not installed (pip install milvus)")
     port = port or free_port()
+    _wait_bindable(port, timeout)  # milvus-server moves to another port if this one is still held
     data_dir.mkdir(parents=True, exist_ok=True)
     pinned = [arg for name in COMPONENTS for arg in ("--extra-config", f"{name}.ip=127.0.0.1")]
     log = open(data_dir / "server.log", "ab")
@@ -61,6 +62,21 @@ def start(data_dir: Path, port: int | None = None, timeout: float = 240.0) -> tu
         stop(process)
         raise
     return process, uri
+
+
+def _wait_bindable(port: int, timeout: float) -> None:
+    """Wait until ``port`` can be bound as milvus-server checks it (no SO_REUSEADDR): after a stop,
+    connections the server closed first hold it in TIME_WAIT for up to a minute."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"port {port} is still in use after {timeout:g} s") from None
+        time.sleep(1.0)
 
 
 def _answers(uri: str) -> bool:

@@ -143,6 +143,18 @@ def _client(uri: str, timeout: float) -> Any:
         return client
 
 
+def close_clients() -> None:
+    """Close this process's Milvus connections (the next use opens new ones)."""
+    with _clients_lock:
+        clients = list(_clients.values())
+        _clients.clear()
+    for client in clients:
+        try:
+            client.close()
+        except Exception:  # closing a connection to a server that is gone: nothing left to do
+            pass
+
+
 def _message(exc: BaseException) -> str:
     text = " ".join(str(getattr(exc, "message", "") or exc).split())
     return text[:300] or type(exc).__name__
