@@ -22,12 +22,14 @@ A Milvus server is started for the run (``tests/milvus_server.py``: the PyPI ``m
 
 Cells whose float data exceed ``--max-gb`` are skipped, and so is an engine whose insert time,
 projected from its rate at the previous size, exceeds ``--max-minutes`` (both said in the output).
+Stopped with SIGTERM (e.g. by ``timeout``), it stops the server it started; the rows printed are complete.
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -106,6 +108,7 @@ def main() -> None:
                         help="skip an engine whose projected insert time is longer")
     args = parser.parse_args()
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped (SIGTERM): the rows above are complete"))
     work = Path(tempfile.mkdtemp(prefix="lens-milvus-bench-"))
     server = None
     uris = {"lite": str(work / "bench.db")}
