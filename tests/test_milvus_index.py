@@ -214,6 +214,19 @@ def test_a_collection_rewritten_by_another_model_is_refused(tmp_path):
         Gallery(photos, tmp_path / "idx").open(METHOD)
 
 
+def test_a_lite_file_in_use_by_another_process_is_a_clear_error(tmp_path):
+    _needs_lite()
+    photos = tmp_path / "photos"
+    write_gallery(photos, 2)
+    Gallery(photos, tmp_path / "idx").index([METHOD], index_spec=f"milvus:{tmp_path / 'lens.db'}", progress=False)
+    code = ("import sys; from lens.index import create_index; from lens.errors import LensError\n"
+            "try: create_index('milvus:' + sys.argv[1], 8, 'cosine').client\n"
+            "except LensError as exc: print(exc)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "lens.db")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert "Milvus Lite admits one process at a time" in done.stdout, done.stderr
+
+
 # -- the real server only ----------------------------------------------------------------------------
 READER = """
 import json, sys

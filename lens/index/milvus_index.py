@@ -134,10 +134,11 @@ def _client(uri: str, timeout: float) -> Any:
         try:
             client = MilvusClient(uri, timeout=timeout)
         except Exception as exc:  # pymilvus raises MilvusException, gRPC errors or the Lite data dir's lock
-            where = "Milvus server" if is_server(uri) else "Milvus Lite file"
-            hint = ("is it running and reachable from here?" if is_server(uri) else
-                    "Milvus Lite admits one process at a time; serve several processes from a Milvus server")
-            raise LensError(f"cannot connect to the {where} '{uri}' within {timeout:g} s ({hint}): "
+            if is_server(uri):
+                raise LensError(f"cannot connect to the Milvus server '{uri}' within {timeout:g} s (is it "
+                                f"running and reachable from here?): {_message(exc)}") from None
+            raise LensError(f"cannot open the Milvus Lite file '{uri}' (Milvus Lite admits one process at a "
+                            f"time: is another lens using it? Serve several processes from a Milvus server): "
                             f"{_message(exc)}") from None
         _clients[(uri, timeout)] = client
         return client
