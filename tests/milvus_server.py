@@ -1,8 +1,9 @@
 """Start and stop a real Milvus standalone server (the PyPI ``milvus`` package's ``milvus-server``).
 
 Used by the Milvus tests (one server per test session) and ``benchmarks/milvus_vs_faiss.py``. The
-server listens on 127.0.0.1 only (every component's address is pinned there), on a free port, with
-its data in the folder given; :func:`stop` ends it by its process id (and its process group: the
+server is reached at 127.0.0.1 on a free port, every component advertises 127.0.0.1 (``<component>.ip``)
+and its etcd listens on loopback only; in Milvus 2.3.5 the components' gRPC ports still bind every
+interface (the ``ip`` setting is the advertised address). Its data live in the folder given; :func:`stop` ends it by its process id (and its process group: the
 ``milvus`` binary runs as a child of the ``milvus-server`` wrapper).
 """
 
