@@ -46,7 +46,7 @@ from index_backends import clustered, exact_neighbours, recall  # noqa: E402
 from lens.index import create_index  # noqa: E402
 from lens.index.milvus_index import MilvusIndex  # noqa: E402
 
-MILVUS_OPTIONS = "HNSW:M=32,efConstruction=200,ef=64,settle=0"  # Bounded searches (the default)
+MILVUS_OPTIONS = "HNSW:M=32,efConstruction=200,ef=64,settle=0,timeout=600"  # Bounded searches (the default)
 FAISS_SPEC = "faiss:HNSW32:efSearch=64"  # lens's default for galleries above 1,000 images
 
 
