@@ -13,7 +13,8 @@ name ends in ``.db`` (pymilvus's rule), resolved against the working directory w
 TYPE: ``HNSW`` (default), ``IVF_FLAT``, ``IVF_SQ8``, ``IVF_PQ`` or ``FLAT``. OPTIONS (``key=value,...``):
 build parameters (``M``, ``efConstruction``, ``nlist``, ``m``, ``nbits``), search parameters (``ef``,
 ``nprobe``), and ``rerank=N`` (exact re-ranking of N candidates from the build's stored vectors, as
-for FAISS), ``timeout=S`` (seconds to wait for the server, default 10), ``consistency=`` ``Bounded``
+for FAISS), ``timeout=S`` (seconds to wait for the server and for a search, default 10; writes, flushes and
+loads may take ``max(S, 300)``), ``consistency=`` ``Bounded``
 (default) / ``Strong`` / ``Session`` / ``Eventually`` (`Milvus consistency levels
 <https://milvus.io/docs/consistency.md>`_) and ``settle=S`` (default 5).
 
@@ -66,6 +67,9 @@ SEARCH_PARAMETERS = {"HNSW": {"ef": 64}, "IVF_FLAT": {"nprobe": 16}, "IVF_SQ8": 
                      "IVF_PQ": {"nprobe": 16}, "FLAT": {}}
 CONSISTENCY = ("Strong", "Bounded", "Session", "Eventually")
 MAX_PATH = 4096  #: the ``path`` field's VARCHAR length (bytes); longer ids are cut there (display only)
+#: seconds a write, flush, load or index build may take (a 2,000-row insert into Milvus Lite took
+#: over 10 s here on a loaded 2-core machine)
+WRITE_TIMEOUT = 300.0
 BATCH = 2_000  #: rows per insert / upsert call (a gRPC message stays well under its 64 MiB limit)
 _SPEC = re.compile(r"^milvus:(?P<uri>.+?)(?::(?P<type>" + "|".join(INDEX_TYPES) + r")(?::(?P<options>[^:]*))?)?$")
 
@@ -210,9 +214,12 @@ class MilvusIndex:
         return value
 
     # -- talking to Milvus ------------------------------------------------------------------------
-    def _call(self, what: str, function: Any, *args: Any, **kwargs: Any) -> Any:
+    def _call(self, what: str, function: Any, *args: Any, slow: bool = False, **kwargs: Any) -> Any:
+        """``function(*args, **kwargs)`` within ``timeout`` seconds (``slow``: writes, flushes, loads
+        and index builds, within ``max(timeout, WRITE_TIMEOUT)``); Milvus's errors become LensErrors."""
+        timeout = max(self.timeout, WRITE_TIMEOUT) if slow else self.timeout
         try:
-            return function(*args, timeout=self.timeout, **kwargs)
+            return function(*args, timeout=timeout, **kwargs)
         except LensError:
             raise
         except Exception as exc:
@@ -254,7 +261,7 @@ class MilvusIndex:
         index_params = MilvusClient.prepare_index_params()
         index_params.add_index(field_name="vector", index_type=self.index_type, metric_type="IP",
                                params=self.build_params)
-        self._call("create the collection", self.client.create_collection, self.collection, schema=schema,
+        self._call("create the collection", self.client.create_collection, self.collection, slow=True, schema=schema,
                    index_params=index_params, consistency_level=self.consistency,
                    properties={FACTS: json.dumps(dict(facts))})
 
@@ -277,7 +284,7 @@ class MilvusIndex:
         """Load the collection into memory for search and query (Milvus Lite releases it on exit)."""
         state = self._call("check the collection is loaded", self.client.get_load_state, self.collection)
         if getattr(state.get("state"), "name", "") != "Loaded":
-            self._call("load the collection", self.client.load_collection, self.collection)
+            self._call("load the collection", self.client.load_collection, self.collection, slow=True)
 
     # -- the protocol ------------------------------------------------------------------------------
     def build(self, vectors: np.ndarray) -> None:
@@ -295,7 +302,7 @@ class MilvusIndex:
         same = recorded is not None and all(recorded.get(key) == facts.get(key) for key in
                                             ("weights", "dim", "metric", "index_type", "build_params"))
         if recorded is not None and not same:
-            self._call("drop the outdated collection", self.client.drop_collection, self.collection)
+            self._call("drop the outdated collection", self.client.drop_collection, self.collection, slow=True)
         if not same:
             self._create(facts)
             stored: set[int] = set()
@@ -309,17 +316,17 @@ class MilvusIndex:
         rows = [row for row, key in enumerate(keys) if key in changed or int(self._ids[row]) not in stored]
         gone = sorted(stored - set(self._rows))
         for start in range(0, len(gone), BATCH):
-            self._call("delete removed images", self.client.delete, self.collection, ids=gone[start:start + BATCH])
+            self._call("delete removed images", self.client.delete, self.collection, slow=True, ids=gone[start:start + BATCH])
         write = self.client.upsert if stored else self.client.insert
         for start in range(0, len(rows), BATCH):
             batch = rows[start:start + BATCH]
             data = [{"id": int(self._ids[row]), "path": _display_path(keys[row]), "vector": vectors[row].tolist()}
                     for row in batch]
-            self._call("write vectors", write, self.collection, data)
+            self._call("write vectors", write, self.collection, data, slow=True)
         if same and recorded != facts:
             self._call("record the build's facts", self.client.alter_collection_properties, self.collection,
                        properties={FACTS: json.dumps(facts)})
-        self._call("flush", self.client.flush, self.collection)
+        self._call("flush", self.client.flush, self.collection, slow=True)
         if (rows or gone) and is_server(self.uri) and self.consistency != "Strong":
             time.sleep(self.settle)  # until a Bounded search sees every write (see the module's docs)
 
