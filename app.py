@@ -584,6 +584,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="weights for a method: hub id or local folder (repeatable)")
     parser.add_argument("--detector", default="yolo", choices=list_detectors())
     parser.add_argument("--detector-weights", help="detector weights file (default: the detector's own)")
+    parser.add_argument("--index", dest="index_spec", metavar="SPEC",
+                        help="index backend for the indexes built at start-up, e.g. faiss:HNSW32 or "
+                             "milvus:http://127.0.0.1:19530 (default: annoy up to 1,000 images, else "
+                             "faiss:HNSW32:efSearch=64; see docs/index-backends.md, docs/scaling-out.md)")
     parser.add_argument("--no-build", action="store_true", help="do not build missing indexes at start-up")
     parser.add_argument("--host", default=None, help="address to listen on (default: 127.0.0.1, or "
                                                     "GRADIO_SERVER_NAME)")
@@ -595,7 +599,8 @@ def create_service(args: argparse.Namespace) -> LensService:
     root = Path(args.gallery) if args.gallery else write_sample_gallery(HERE / "sample-gallery")
     gallery = Gallery(root, args.index_dir, models=parse_models(args.model))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    service = LensService(gallery, methods, detector=args.detector, detector_weights=args.detector_weights)
+    service = LensService(gallery, methods, detector=args.detector, detector_weights=args.detector_weights,
+                          index_spec=args.index_spec)
     service.start(background=True, build_missing=not args.no_build)
     return service
 

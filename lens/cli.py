@@ -65,8 +65,9 @@ def _index_parser(sub: argparse._SubParsersAction) -> Handler:
                         help="index backend spec (default: what an earlier build was given, else annoy up to "
                              "1,000 images and faiss:HNSW32:efSearch=64 above): "
                              "annoy, annoy:trees=100, faiss:Flat, faiss:HNSW32:efSearch=64, "
-                             "faiss:IVF256,PQ16:nprobe=16, faiss:PQ32:rerank=100, lsh:256:rerank=100 "
-                             "(see docs/index-backends.md)")
+                             "faiss:IVF256,PQ16:nprobe=16, faiss:PQ32:rerank=100, lsh:256:rerank=100, "
+                             "milvus:./lens.db, milvus:http://127.0.0.1:19530:HNSW:M=32,ef=64 "
+                             "(see docs/index-backends.md, docs/scaling-out.md)")
     parser.add_argument("--batch-size", type=int, help="images per model call (default: 8 on CPU, 32 on a GPU)")
     parser.add_argument("--workers", type=int, default=2, help="image decoding threads")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -22,7 +22,7 @@ from filelock import FileLock
 from lens.embedding import Embedded, default_batch_size, embed_files
 from lens.errors import IndexMismatchError, LensError
 from lens.images import iter_image_files
-from lens.index import DEFAULT_INDEX, create_index, default_index
+from lens.index import DEFAULT_INDEX, KeyedIndex, create_index, default_index
 from lens.store import Item, check_root, live_build, open_build, publish, read_manifest
 from lens.types import LearnsFromGallery, Method
 
@@ -175,7 +175,12 @@ def build_index(
         # an index asked for (now or by an earlier build) is kept; else one that suits the size
         chosen = index_spec or previous_spec
         index = create_index(chosen or default_index(len(vectors), info.metric), info.dim, info.metric)
-        index.build(vectors)
+        if isinstance(index, KeyedIndex):  # a database: updated in place (upsert + delete), not rebuilt
+            index.sync([item.path for item in kept], vectors, {item.path for item in fresh},
+                       gallery=gallery_root or str(root.resolve()), method=method_dir.name,
+                       facts={**info.as_dict(), "gallery": gallery_root, "writer": str(method_dir.resolve())})
+        else:
+            index.build(vectors)
         skipped = [(by_file[p], why) for p, why in embedded.skipped]
         folder = publish(
             method_dir, info, kept, vectors, index,

@@ -77,7 +77,10 @@ class LensService:
     """The app's state for one gallery: its served methods, their indexes and a detection cache.
 
     ``methods``: method specs to serve; ``detector`` / ``detector_weights``: see
-    :func:`lens.detect.create_detector`; ``detect_cache_size``: photos whose boxes are remembered.
+    :func:`lens.detect.create_detector`; ``detect_cache_size``: photos whose boxes are remembered;
+    ``index_spec``: the index backend missing indexes are built with (:func:`lens.index.create_index`,
+    e.g. ``milvus:http://db:19530``; None: what :meth:`Gallery.index` chooses). A method whose index
+    cannot be opened (an unreachable Milvus server) is ``failed`` with the reason; the others serve.
     Raises :class:`LensError` with no methods.
     """
 
@@ -89,6 +92,7 @@ class LensService:
         detector: str = "yolo",
         detector_weights: str | None = None,
         detect_cache_size: int = 64,
+        index_spec: str | None = None,
     ):
         if not methods:
             raise LensError("no methods to serve")
@@ -96,6 +100,7 @@ class LensService:
         self.methods = list(dict.fromkeys(methods))
         self.detector = detector
         self.detector_weights = detector_weights
+        self.index_spec = index_spec
         self._states = {m: MethodState(m, "queued", "waiting to be opened") for m in self.methods}
         self._lock = threading.Lock()
         self._detections: OrderedDict[tuple, list[Box]] = OrderedDict()
@@ -156,7 +161,7 @@ class LensService:
                                                   "to it, for methods that learn from it)")
                     started = time.perf_counter()
                     self.gallery.index(
-                        [method], progress=False,
+                        [method], progress=False, index_spec=self.index_spec,
                         on_progress=lambda m, n, total: self._set(
                             m, "building", progress_text(n, total, time.perf_counter() - started)),
                     )

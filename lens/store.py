@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from lens.errors import CorruptIndexError, IndexMismatchError, IndexNotFoundError
-from lens.index import VectorIndex, load_index
+from lens.index import KeyedIndex, VectorIndex, load_index
 from lens.types import MethodInfo
 
 log = logging.getLogger("lens")
@@ -331,4 +331,6 @@ def open_build(
     except (OSError, ValueError, TypeError) as exc:
         raise CorruptIndexError(f"cannot read index in {build}: {exc}") from exc
     index = load_index(build, manifest["index"], int(manifest["dim"]), manifest["metric"])
+    if isinstance(index, KeyedIndex):  # vectors in a database: search results map to this build's rows
+        index.attach([item.path for item in items], manifest)
     return StoredIndex(build, manifest, items, vectors, index)

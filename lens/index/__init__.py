@@ -2,8 +2,13 @@
 
 A spec is ``backend`` or ``backend:options``: ``annoy``, ``annoy:trees=100,search_k=5000``, and
 for backends that take a factory string ``backend:FACTORY:options``: ``faiss:HNSW32:efSearch=64``,
-``faiss:IVF256,PQ16:nprobe=16``, ``lsh:256:rerank=100``. Vectors are stored under their row
-number; the gallery maps row numbers to image paths.
+``faiss:IVF256,PQ16:nprobe=16``, ``lsh:256:rerank=100``, ``milvus:./lens.db``,
+``milvus:http://127.0.0.1:19530:HNSW:M=32,ef=64``. Vectors are stored under their row number; the
+gallery maps row numbers to image paths.
+
+A :class:`KeyedIndex` (Milvus) keeps its vectors outside the build folder, in a database or service,
+under the gallery's image ids: a re-index updates it in place (:meth:`KeyedIndex.sync`: upsert and
+delete) instead of building it anew, and a reader attaches the ids of the build it opened.
 
 Float vectors are compared by ``cosine``; bit codes (``hamming``) travel as packed uint8 rows
 (``np.packbits``, ``dim`` = the number of bits). An index may have an int attribute ``rerank``: how
@@ -16,8 +21,9 @@ Adding a backend: write ``lens/index/<name>_index.py`` with a class decorated by
 from __future__ import annotations
 
 import importlib
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -26,6 +32,7 @@ from lens.errors import LensError
 __all__ = [
     "DEFAULT_INDEX",
     "default_index",
+    "KeyedIndex",
     "VectorIndex",
     "create_index",
     "list_backends",
@@ -42,7 +49,7 @@ DEFAULT_INDEX = "annoy"
 #: vectors spread; HNSW kept 0.97-1.0 up to 100,000 (docs/performance.md).
 LARGE_GALLERY = 1_000
 LARGE_INDEX = "faiss:HNSW32:efSearch=64"
-_BACKEND_MODULES = ["annoy_index", "faiss_index", "lsh_index"]
+_BACKEND_MODULES = ["annoy_index", "faiss_index", "lsh_index", "milvus_index"]
 _BACKENDS: dict[str, type[VectorIndex]] = {}
 _loaded = False
 
@@ -78,6 +85,31 @@ class VectorIndex(Protocol):
     def __len__(self) -> int: ...
 
 
+@runtime_checkable
+class KeyedIndex(Protocol):
+    """An index whose vectors live outside the build folder (a Milvus collection), keyed by image id.
+
+    The writer calls :meth:`sync` instead of :meth:`VectorIndex.build`; a reader calls :meth:`attach`
+    after :meth:`VectorIndex.load`, so that :meth:`VectorIndex.search` returns the row numbers of the
+    build it opened (ids the service holds but that build does not, e.g. added by a newer build since,
+    come back as -1).
+    """
+
+    def sync(self, keys: Sequence[str], vectors: np.ndarray, changed: Collection[str], *, gallery: str,
+             method: str, facts: Mapping[str, Any]) -> None:
+        """Make the store of ``method``'s index of ``gallery`` (the method folder's name and the
+        gallery's resolved path, which name the store) hold exactly ``keys`` (image ids) with
+        ``vectors`` (row i for ``keys[i]``, shaped like :meth:`VectorIndex.build`'s): ids it lacks or
+        whose image ``changed`` are upserted, ids no longer in ``keys`` deleted. ``facts`` (model,
+        weights, dim, metric, ``writer``: the index folder) are recorded with it; a store recorded
+        with other weights, dim, metric or index parameters is emptied and filled again."""
+
+    def attach(self, keys: Sequence[str], facts: Mapping[str, Any]) -> None:
+        """Map search results to rows of ``keys`` (the opened build's image ids); raises
+        :class:`~lens.errors.IndexMismatchError` when the store's recorded model, weights, dim or
+        metric differ from ``facts`` (another build rewrote it since)."""
+
+
 def register_backend(name: str):
     """Class decorator: register a :class:`VectorIndex` class under the spec prefix ``name``."""
     def decorator(cls: type[VectorIndex]) -> type[VectorIndex]:
@@ -100,7 +132,7 @@ def _backend(spec: str) -> type[VectorIndex]:
 
 
 def list_backends() -> list[str]:
-    """The registered backend names (``annoy``, ``faiss``, ``lsh``), sorted."""
+    """The registered backend names (``annoy``, ``faiss``, ``lsh``, ``milvus``), sorted."""
     _backend(DEFAULT_INDEX)
     return sorted(_BACKENDS)
 
