@@ -75,7 +75,7 @@ def _index_parser(sub: argparse._SubParsersAction) -> Handler:
                         help="embed on a Ray cluster (Ray Data; pip install 'lens[scale]'): without ADDRESS a "
                              "local Ray on this machine, bound to 127.0.0.1; else the cluster's address (auto, "
                              "HOST:6379, ray://HOST:10001), whose nodes see the gallery at the same path. sift "
-                             "and local are still built here (see docs/scaling-out-ray.md)")
+                             "and local are still built here (see docs/scaling-out.md)")
     parser.add_argument("--ray-actors", type=int, metavar="N",
                         help="embedding actors, one model each (default: one per GPU, else one per CPU)")
     _add_common(parser)
