@@ -84,7 +84,11 @@ class Item:
 
 @dataclass
 class StoredIndex:
-    """A published build, opened: its manifest, items, vectors and search index."""
+    """A published build, opened: its manifest, items, vectors and search index.
+
+    ``vectors``: ``(n, dim)`` float32 (cosine) or ``(n, dim / 8)`` uint8 packed bits (hamming), memory-mapped;
+    row i is ``items[i]``'s.
+    """
 
     folder: Path
     manifest: dict[str, Any]
@@ -261,7 +265,9 @@ def _load_manifest(build: Path) -> dict[str, Any]:
 
 
 def read_manifest(method_dir: Path) -> dict[str, Any] | None:
-    """The manifest of the live build of ``method_dir`` (None when nothing was published)."""
+    """The manifest of the live build of ``method_dir`` as a dict (see the module for its keys), or None
+    when nothing was published. Raises :class:`~lens.errors.CorruptIndexError` when ``CURRENT`` or the
+    manifest cannot be read or parsed."""
     with reading(method_dir) as build:
         return None if build is None else _load_manifest(build)
 
@@ -306,7 +312,13 @@ def open_build(
     root: str | None = None,
 ) -> StoredIndex:
     """Open the live build of ``method_dir`` (or ``build``, held by :func:`reading`) for ``info``'s
-    method, checking it fits, is intact and, given ``root``, indexes that gallery folder."""
+    method, checking it fits, is intact and, given ``root``, indexes that gallery folder.
+
+    ``verify``: check every file's sha256 (else only its size). Raises
+    :class:`~lens.errors.IndexNotFoundError` when nothing was published,
+    :class:`~lens.errors.IndexMismatchError` for a build of other weights, dimension or metric (or
+    another gallery), and :class:`~lens.errors.CorruptIndexError` for a missing or damaged file.
+    """
     if build is None:
         with reading(method_dir) as live:
             if live is None:

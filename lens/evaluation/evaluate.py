@@ -66,6 +66,14 @@ class Ranking:
 
 @dataclass
 class MethodResult:
+    """One method's figures on one dataset, as ``results.json`` and the report show them.
+
+    ``map`` and ``recall[k]`` (R@k, k in :data:`RECALL_KS`) are in [0, 1] (conventions:
+    :mod:`lens.evaluation.metrics`); times are milliseconds (``query_ms_*``, ``embed_ms_per_image``) or
+    seconds (``build_seconds``); sizes are bytes. ``error`` is set (and the figures are NaN) when the method
+    failed: the run goes on with the next method.
+    """
+
     method: str
     map: float
     recall: dict[int, float]
@@ -88,10 +96,12 @@ class MethodResult:
 
     @classmethod
     def failed(cls, method: str, error: str) -> MethodResult:
+        """The result of a method that could not be evaluated: ``error`` says why, every figure is NaN or empty."""
         nan = float("nan")
         return cls(method, nan, {}, 0, 0, nan, nan, nan, 0.0, 0, 0, "", None, "", "", "", "", error=error)
 
     def summary(self) -> dict[str, Any]:
+        """JSON-ready fields for ``results.json`` (every field but the per-query ``rankings``)."""
         data = asdict(self)
         data.pop("rankings")
         return data
@@ -124,7 +134,7 @@ def eval_gallery(dataset: Dataset, work: Path, *, distractors: Mapping[str, Path
     """The gallery ``lens eval`` indexes: exactly the dataset's gallery images, plus ``distractors``.
 
     Its ids are the dataset's gallery ids (paths relative to its images folder) and the distractors'
-    ids (:func:`lens.datasets.distractor_files`). Methods that learn from the gallery (SIFT's
+    ids (:func:`lens.evaluation.datasets.distractor_files`). Methods that learn from the gallery (SIFT's
     vocabulary) learn from the dataset's gallery only, never from queries or distractors. Indexes go
     to ``work/indexes``, trained models to ``work/models``.
     """
@@ -135,7 +145,13 @@ def eval_gallery(dataset: Dataset, work: Path, *, distractors: Mapping[str, Path
 
 
 def exact_top(vectors: np.ndarray, queries: np.ndarray, metric: str, k: int) -> np.ndarray:
-    """Ids of the exact top-k by brute force (the reference for approximate indexes)."""
+    """Row ids of the exact top-k by brute force (the reference for approximate indexes): ``(q, min(k, n))``
+    int64, best first.
+
+    ``vectors`` ``(n, d)`` and ``queries`` ``(q, d)``: float32 for ``cosine`` (unit rows: the inner
+    product is the cosine), uint8 packed bits or 0/1 rows for ``hamming``. Raises ``ValueError`` for
+    another metric.
+    """
     vectors, queries = np.asarray(vectors), np.asarray(queries)
     if metric == "cosine":
         similarity = queries.astype(np.float32) @ vectors.astype(np.float32).T
@@ -166,7 +182,10 @@ def evaluate_method(
 
     Every query is searched twice: once timed as a user's search (``k = SEARCH_K``), once for the
     ranking that is scored (the whole gallery, or its ``top`` results), with the query's own gallery
-    image left out.
+    image left out. Times are wall-clock (``time.perf_counter``), after one warm-up search.
+
+    Raises what indexing and searching raise (:class:`LensError` and its kinds, e.g. an unknown method,
+    a model that cannot load, no readable gallery image); ``lens eval`` records it as a failed method.
     """
     started = time.perf_counter()
     [report] = gallery.index([method], index_spec=index_spec, batch_size=batch_size, progress=True)
@@ -281,6 +300,7 @@ def prepare_trained(gallery: Gallery, dataset: Dataset, method: str, *, backbone
     ``"gallery"`` list of a groundtruth.json dataset without labels, and every image without labels
     for a leave-one-out dataset (whose queries are among them; without labels, theirs stay unknown).
     A model given with ``models=`` is used as it is; one already trained on exactly this data is reused.
+    Raises :class:`LensError` when training fails (e.g. too few images, a backbone that cannot load).
     """
     import json
     from dataclasses import replace
