@@ -94,7 +94,8 @@ class StoredIndex:
     manifest: dict[str, Any]
     items: list[Item]
     vectors: np.ndarray
-    index: VectorIndex
+    #: the vector index; None for a method that retrieves with its own (``MatchesLocally``: ``local``)
+    index: VectorIndex | None
 
 
 def _sha256(path: Path) -> str:
@@ -169,7 +170,7 @@ def publish(
     info: MethodInfo,
     items: list[Item],
     vectors: np.ndarray,
-    index: VectorIndex,
+    index: VectorIndex | None,
     build: dict[str, Any],
     write_extra: Callable[[Path], list[str]] | None = None,
     gallery_root: str | None = None,
@@ -177,7 +178,8 @@ def publish(
     """Write a complete build and make it the live one; older builds no reader holds are removed.
 
     ``write_extra(folder)`` writes more files into the build (returning their names); they are
-    checksummed in the manifest like the rest. ``gallery_root`` (the resolved gallery folder, as an
+    checksummed in the manifest like the rest. ``index`` None: no vector index (a method that retrieves
+    with its own, written by ``write_extra``); the manifest's ``index`` is then null. ``gallery_root`` (the resolved gallery folder, as an
     OS path) is recorded so that the index is never searched as another gallery's.
     """
     from lens.version import __version__
@@ -187,11 +189,12 @@ def publish(
     try:
         np.save(staging / VECTORS, np.ascontiguousarray(vectors))
         _write_json(staging / ITEMS, [item.__dict__ for item in items])
-        files = [VECTORS, ITEMS, *index.save(staging), *(write_extra(staging) if write_extra else [])]
+        files = [VECTORS, ITEMS, *(index.save(staging) if index is not None else []),
+                 *(write_extra(staging) if write_extra else [])]
         manifest = {
             **info.as_dict(),
             "count": len(items),
-            "index": index.spec,
+            "index": index.spec if index is not None else None,
             "gallery": gallery_root,
             "gallery_from_index": _from_index(gallery_root, method_dir),
             "build": build,
@@ -342,5 +345,6 @@ def open_build(
         vectors = np.load(build / VECTORS, mmap_mode="r")
     except (OSError, ValueError, TypeError) as exc:
         raise CorruptIndexError(f"cannot read index in {build}: {exc}") from exc
-    index = load_index(build, manifest["index"], int(manifest["dim"]), manifest["metric"])
+    spec = manifest.get("index")
+    index = load_index(build, spec, int(manifest["dim"]), manifest["metric"]) if spec is not None else None
     return StoredIndex(build, manifest, items, vectors, index)

@@ -85,7 +85,7 @@ class MethodResult:
     build_seconds: float
     index_bytes: int  #: the search index's own files
     stored_bytes: int  #: everything in the build (index + vectors + items + side data)
-    index_spec: str
+    index_spec: str | None  #: the vector index's spec; None for a method with its own index (``local``)
     ann_recall_at_10: float | None  #: approximate index vs exact search; None when not applicable
     model: str
     weights: str
@@ -248,7 +248,7 @@ def _ann_recall(gallery: Gallery, method: str, queries: Sequence[Query], k: int 
     stored = gallery.open(method)
     searcher = gallery.method(method)
     info = searcher.info
-    if info.metric not in ("cosine", "hamming") or not len(stored.items) or not queries:
+    if stored.index is None or info.metric not in ("cosine", "hamming") or not len(stored.items) or not queries:
         return None
     chosen = list(queries[:sample])
     queries = np.concatenate([searcher.embed([q.picture() for q in chosen[i : i + _EMBED_BATCH]])

@@ -518,7 +518,8 @@ class LocalMatcher(BaseMethod):
     """Exact-item search: visual words + Hamming embedding + inverted file + RANSAC (see the module).
 
     As a :class:`~lens.types.Method` it gives a 1-d placeholder vector per image (its
-    retrieval is its own inverted file, :meth:`match`); it learns from the gallery
+    retrieval is its own inverted file, :meth:`match`: a :class:`~lens.types.MatchesLocally` method, so
+    its builds hold no vector index); it learns from the gallery
     (:class:`~lens.types.LearnsFromGallery`: the vocabulary, unless ``vocabulary=`` names a
     saved one) and keeps every indexed image's quantised keypoints in the build.
     """
