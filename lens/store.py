@@ -179,8 +179,9 @@ def publish(
 
     ``write_extra(folder)`` writes more files into the build (returning their names); they are
     checksummed in the manifest like the rest. ``index`` None: no vector index (a method that retrieves
-    with its own, written by ``write_extra``); the manifest's ``index`` is then null. ``gallery_root`` (the resolved gallery folder, as an
-    OS path) is recorded so that the index is never searched as another gallery's.
+    with its own, written by ``write_extra``); the manifest's ``index`` is then null. ``gallery_root``
+    (the resolved gallery folder, as an OS path) is recorded so that the index is never searched as
+    another gallery's.
     """
     from lens.version import __version__
 

@@ -24,7 +24,7 @@ from PIL import Image
 
 from benchmarks.reindex_stress import run_threads
 from lens import Gallery
-from lens.errors import IndexMismatchError, LensError
+from lens.errors import IndexMismatchError, LensError, ModelLoadError
 from lens.images import MAX_ASPECT, MAX_STRIP_SIDE, ImageError, check_box, iter_image_files, load_image
 from lens.store import ITEMS, live_build, reading
 
@@ -61,6 +61,31 @@ def test_galleries_with_the_same_folder_name_never_share_an_index(tmp_path, monk
     assert shared.search(make_picture(100), "phash", k=1)[0].path == "img100.jpg"
     with pytest.raises(IndexMismatchError):
         Gallery("2023/photos", old.index_dir).search(make_picture(0), "phash", k=1)
+
+
+def test_galleries_with_the_same_folder_name_never_share_a_trained_model(tmp_path, monkeypatch):
+    """Trained models are keyed like index folders (models/<name>-<hash of the path>/), not by the folder
+    name: 2024/photos never loads the autoencoder `lens train` wrote for 2023/photos."""
+    from lens.training import TrainSettings
+    from lens.training.autoencoder import train
+
+    monkeypatch.chdir(tmp_path)
+    write_gallery(tmp_path / "2023" / "photos", 8, start_seed=0)
+    write_gallery(tmp_path / "2024" / "photos", 8, start_seed=100)
+    old, new = Gallery("2023/photos"), Gallery("2024/photos")
+    assert old.models_dir != new.models_dir
+    assert old.models_dir == Path("models") / old.index_dir.name and old.models_dir.name.startswith("photos-")
+    train("2023/photos", old.models_dir / "autoencoder", TrainSettings(epochs=1, batch_size=4, val_split=0.25),
+          image_size=32, latent_dim=16, progress=False)
+    old.index(["autoencoder"], progress=False)
+    assert old.search("2023/photos/img000.jpg", "autoencoder", k=1)[0].path == "img000.jpg"
+    with pytest.raises(ModelLoadError, match="lens train autoencoder") as caught:
+        new.index(["autoencoder"], progress=False)
+    assert "older lens" not in str(caught.value)
+    # a model an older lens wrote to models/photos/ is named in the error, never used silently
+    shutil.copytree(old.models_dir / "autoencoder", tmp_path / "models" / "photos" / "autoencoder")
+    with pytest.raises(ModelLoadError, match=r"models/photos/autoencoder holds a model trained by an older lens"):
+        Gallery("2024/photos").index(["autoencoder"], progress=False)
 
 
 # -- 2. searching while the same gallery is re-indexed --------------------------------------------------

@@ -6,7 +6,7 @@ four stride-2 3x3 convolutions (16, 32, 64, 128 channels) and a linear layer enc
 and four stride-2 transposed convolutions decode; the loss is the mean squared error of the pixels.
 
 The ``autoencoder`` method embeds a picture with the encoder's latent, L2-normalised (cosine). It
-loads ``models/<gallery>/autoencoder`` for a gallery, or any model folder: ``--model
+loads ``models/<gallery>-<hash>/autoencoder`` for a gallery, or any model folder: ``--model
 autoencoder=PATH`` or the spec ``autoencoder:PATH``.
 """
 

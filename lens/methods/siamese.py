@@ -17,7 +17,7 @@ above when it has none. The ``finetune`` method embeds with the fine-tuned backb
 
 Both embed with the trained branch, L2-normalised (cosine). A model folder stores the trained
 tensors only (head, classifier, unfrozen blocks); the backbone is loaded from its own weights,
-which must still be the ones it was trained on. The methods load ``models/<gallery>/<kind>`` for a
+which must still be the ones it was trained on. The methods load ``models/<gallery>-<hash>/<kind>`` for a
 gallery, or any folder: ``--model siamese=PATH`` or the spec ``siamese:PATH`` (same for finetune).
 Training is :mod:`lens.training.siamese`.
 """
