@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -17,6 +19,7 @@ from lens.evaluation.datasets import DISTRACTOR_PREFIX, distractor_files, load_d
 from lens.evaluation.evaluate import eval_gallery, evaluate_method, load_queries
 from lens.evaluation.metrics import average_precision, hit_at_k
 from lens.gallery import Gallery
+from lens.types import Box
 
 
 def _class_folders(root, splits=("train", "test"), per_class=(4, 2)):
@@ -217,6 +220,24 @@ def test_distractors_join_the_gallery_and_are_never_relevant(tmp_path, tiny_resn
     assert "17 images = the dataset's 8 gallery images + 9 distractors (5 in `extra`, 4 in `more`)" in report
     for text in (report, (tmp_path / "report" / "results.json").read_text()):
         assert str(tmp_path) not in text and str(tmp_path.resolve()) not in text
+
+
+def test_a_query_whose_detected_box_is_unusable_is_reported_and_skipped(tmp_path, caplog):
+    """`lens eval --detect`: a detector box of NaNs (or one outside the photo) for one query skips that
+    query with a warning naming it; the evaluation of every method goes on with the others."""
+    dataset = load_dataset(_flipped_copies_dataset(tmp_path / "flips", count=4))
+    boxes = iter([None, Box(math.nan, 5, 60, 60, "cat", 0.9), Box(10, 10, 120, 100), Box(500, 500, 600, 600)])
+    skipped: list = []
+    with caplog.at_level(logging.WARNING, logger="lens"):
+        queries = load_queries(dataset, lambda picture: next(boxes), margin=0.05, skipped=skipped)
+    first, nan_box, good, outside = dataset.queries
+    assert [q.path for q in queries] == [first, good] and queries[1].box == Box(10, 10, 120, 100)
+    assert [path for path, _ in skipped] == [nan_box, outside]
+    assert "finite" in skipped[0][1] and "outside" in skipped[1][1]
+    assert caplog.text.count("query skipped") == 2 and str(nan_box) in caplog.text
+    gallery = eval_gallery(dataset, tmp_path / "work")
+    result = evaluate_method(gallery, dataset, "phash", queries)
+    assert result.error is None and len(result.rankings) == 2 and result.queries_scored == 2
 
 
 def test_distractors_bad_folders_are_refused(tmp_path):

@@ -25,10 +25,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from lens.errors import LensError
 from lens.evaluation.datasets import Dataset
 from lens.evaluation.metrics import average_precision, hit_at_k, mean_or_nan
 from lens.gallery import SCORE_LABELS, Gallery
-from lens.images import ImageError, crop, load_image
+from lens.images import ImageError, check_box, crop, load_image
 from lens.types import LearnsFromGallery, Region, Reranks
 
 log = logging.getLogger("lens")
@@ -112,20 +113,42 @@ def _percentile(values: Sequence[float], q: float) -> float:
 
 
 def load_queries(dataset: Dataset, detect: Callable[[Image.Image], Region] | None = None,
-                 margin: float = 0.0) -> list[Query]:
-    """The dataset's readable queries (an unreadable one is skipped with a warning).
+                 margin: float = 0.0, skipped: list[tuple[Path, str]] | None = None) -> list[Query]:
+    """The dataset's usable queries, in order.
 
-    ``detect(picture)`` gives the region to search (the main subject; None: the whole photo), cropped
-    with ``margin``; it runs once per query here. Each query is decoded to check it, then let go.
+    ``detect(picture)`` gives the region to search (the main subject, a :class:`~lens.types.Box` or
+    ``(x1, y1, x2, y2)`` in pixels; None: the whole photo), cropped with ``margin`` (a fraction of its
+    width / height, :func:`lens.images.crop`); it runs once per query here. Each query is decoded to
+    check it, then let go.
+
+    One bad query never stops an evaluation: a query that cannot be decoded, or whose detected region
+    cannot be searched (not 4 finite numbers, no area, or outside the photo: :func:`lens.images.check_box`),
+    is skipped with a warning and appended to ``skipped`` as (file, reason). Raises :class:`LensError`
+    for a negative ``margin`` (it would refuse every query).
     """
+    if not margin >= 0:
+        raise LensError(f"the crop margin must be 0 or more, got {margin}")
     queries = []
+
+    def skip(path: Path, reason: str) -> None:
+        log.warning("query skipped: %s", reason)
+        if skipped is not None:
+            skipped.append((path, reason))
+
     for path in dataset.queries:
         try:
             picture = load_image(path)
         except ImageError as exc:
-            log.warning("query skipped: %s", exc)
+            skip(path, str(exc))
             continue
-        queries.append(Query(path, detect(picture) if detect else None, margin))
+        box = detect(picture) if detect else None
+        try:
+            if box is not None:
+                check_box(box, picture.size)
+        except ImageError as exc:
+            skip(path, f"{path}: the detected region cannot be searched: {exc}")
+            continue
+        queries.append(Query(path, box, margin))
     return queries
 
 
