@@ -32,6 +32,12 @@ def _setup_paths(lens_root: Path) -> None:
 
 
 def run_threads(folder: Path, index_dir: Path, seconds: float, readers: int) -> dict:
+    """One writer and ``readers`` readers (odd ones open a fresh Gallery per search) for ``seconds``.
+
+    ``folder`` holds ``write_gallery``'s pictures (img003.png among them) and ``index_dir`` a phash index
+    of it. Returns ``{"searches", "builds", "errors": {kind: count}, "examples": {kind: message}}``.
+    tests/test_replayed_faults.py runs this same loop for 4 s and expects no error.
+    """
     from conftest import make_picture
 
     from lens import Gallery

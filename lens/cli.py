@@ -404,8 +404,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> Handler:
         p = kinds.add_parser(kind, help=text, description=f"Train the '{kind}' method: {text}.")
         p.add_argument("gallery", metavar="FOLDER", help="folder of training images (class sub-folders = labels)")
         p.add_argument("--out", metavar="DIR",
-                       help=f"model folder (default: models/<gallery folder name>/{kind}, where "
-                            f"`lens index/search --methods {kind}` look for it)")
+                       help=f"model folder (default: models/<gallery folder name>-<hash of its path>/{kind}, "
+                            f"where `lens index/search --methods {kind}` look for it)")
         for option in trainer.options:
             p.add_argument(option.cli_flag, dest=option.name, type=option.type, default=option.default,
                            required=option.required, metavar=option.metavar, help=option.help)

@@ -169,9 +169,16 @@ class BaseDetector:
         self._lock = threading.Lock()  # a model / ultralytics predictor is not safe to share between threads
 
     def detect(self, image: ImageSource) -> list[Box]:
+        """Boxes in pixels of ``image`` (a path, bytes, PIL image or HxWxC uint8 array, EXIF-oriented),
+        clamped to it, best score first, at most ``max_boxes``, each with score >= ``conf``.
+
+        Raises :class:`~lens.images.ImageError` for an image that cannot be decoded."""
         return self.detect_many([image])[0]
 
     def detect_many(self, images: Sequence[ImageSource]) -> list[list[Box]]:
+        """:meth:`detect` for a batch, decoded once each and run as one model call under the
+        detector's lock (one list of boxes per image, in order). Raises
+        :class:`~lens.images.ImageError` for an image that cannot be decoded."""
         pictures = [load_image(image) for image in images]
         if not pictures:
             return []

@@ -13,7 +13,8 @@ open (re-opened when a newer build is published); :mod:`lens.indexing` builds th
 :mod:`lens.search` is the query path.
 
 Trained methods (``autoencoder``, ``siamese``, ``finetune``) use the model ``lens train`` wrote for this
-gallery, ``models/<gallery folder name>/<method>/``, unless ``models=`` or ``models_dir=`` says otherwise.
+gallery, ``models/<folder name>-<hash of its path>/<method>/`` (:func:`default_models_dir`), unless
+``models=`` or ``models_dir=`` says otherwise.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 
 from lens.distributed import RayCluster, embeds_on_ray
 from lens.embedding import embed_files
-from lens.errors import CorruptIndexError, IndexNotFoundError, LensError
+from lens.errors import CorruptIndexError, IndexNotFoundError, LensError, ModelLoadError
 from lens.images import IMAGE_EXTENSIONS, ImageSource, load_image
 from lens.indexing import IndexReport, build_index, scan, scan_files
 from lens.methods import Method, check_spec, create_method, is_trained, method_slug
@@ -42,19 +43,30 @@ __all__ = ["SCORE_LABELS", "Gallery", "IndexReport", "SearchResult"]
 log = logging.getLogger("lens")
 
 
-def default_index_dir(root: str | Path) -> Path:
-    """``indexes/<folder name>-<8 hex digits of a sha256 of its path>`` (relative to the working
-    directory): one folder per gallery root, so that two galleries with the same folder name
-    (``2023/photos``, ``2024/photos``) never share an index.
+def gallery_key(root: str | Path) -> str:
+    """``<folder name>-<8 hex digits of a sha256 of its path>``: one name per gallery root, so that two
+    galleries with the same folder name (``2023/photos``, ``2024/photos``) never share an index or a
+    trained model.
 
     The path hashed is the resolved root relative to the working directory when it lies below it
-    (so a repository checked out elsewhere, e.g. a Space, finds its prebuilt ``indexes/``), else the
-    resolved absolute path.
+    (so a repository checked out elsewhere, e.g. a Space, finds its prebuilt ``indexes/`` and
+    ``models/``), else the resolved absolute path.
     """
     resolved, here = Path(root).resolve(), Path.cwd().resolve()
     key = resolved.relative_to(here) if resolved.is_relative_to(here) else resolved
     digest = hashlib.sha256(os.fsencode(key.as_posix())).hexdigest()[:8]
-    return Path("indexes") / f"{resolved.name or 'root'}-{digest}"
+    return f"{resolved.name or 'root'}-{digest}"
+
+
+def default_index_dir(root: str | Path) -> Path:
+    """``indexes/<folder name>-<hash of its path>`` (:func:`gallery_key`), relative to the working directory."""
+    return Path("indexes") / gallery_key(root)
+
+
+def default_models_dir(root: str | Path) -> Path:
+    """``models/<folder name>-<hash of its path>`` (:func:`gallery_key`), relative to the working
+    directory: where ``lens train`` writes a gallery's trained models, one folder per method."""
+    return Path("models") / gallery_key(root)
 
 
 class Gallery:
@@ -90,7 +102,7 @@ class Gallery:
         self.index_dir = Path(index_dir) if index_dir else default_index_dir(self.root)
         self.models = dict(models or {})  #: method name -> hub id or local path replacing its default
         #: where ``lens train`` puts this gallery's trained models, one folder per method
-        self.models_dir = Path(models_dir) if models_dir else Path("models") / self.name
+        self.models_dir = Path(models_dir) if models_dir else default_models_dir(self.root)
         #: the explicit gallery, id -> file; None: every image below ``root``, id = its relative path
         self.files = {str(key): Path(file) for key, file in files.items()} if files is not None else None
         self.learn_from = set(learn_from) if learn_from is not None else None
@@ -112,7 +124,16 @@ class Gallery:
         return base
 
     def _base_method(self, spec: str) -> Method:
-        return create_method(spec, model=self.model_for(spec))
+        try:
+            return create_method(spec, model=self.model_for(spec))
+        except ModelLoadError as exc:
+            legacy = Path("models") / self.name / method_slug(spec)
+            if spec in self.models or self.models_dir != default_models_dir(self.root) or not legacy.is_dir():
+                raise
+            raise ModelLoadError(
+                f"{exc}. ({legacy} holds a model trained by an older lens, which named model folders by the "
+                f"gallery's folder name only; if it was trained on this gallery, use it with --model {spec}={legacy} "
+                f"or move it to {self.models_dir / method_slug(spec)})") from exc
 
     def model_for(self, spec: str) -> str | None:
         """The model ``spec`` uses here: the override, this gallery's trained model, or None (its default)."""

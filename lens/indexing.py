@@ -24,7 +24,7 @@ from lens.errors import IndexMismatchError, LensError
 from lens.images import iter_image_files
 from lens.index import DEFAULT_INDEX, KeyedIndex, create_index, default_index
 from lens.store import Item, check_root, live_build, open_build, publish, read_manifest
-from lens.types import LearnsFromGallery, Method
+from lens.types import LearnsFromGallery, MatchesLocally, Method
 
 log = logging.getLogger("lens")
 
@@ -119,7 +119,9 @@ def build_index(
     under a file lock, so concurrent builders of the same method take turns.
 
     ``index_spec``: the index backend (:func:`lens.index.create_index`); None keeps the one an
-    earlier build was asked for, else one that suits the size. ``batch_size`` (images per model
+    earlier build was asked for, else one that suits the size. A method that retrieves with its own
+    index (:class:`~lens.types.MatchesLocally`: ``local``'s inverted file) gets no vector index
+    (the manifest's ``index`` is null) and ``index_spec`` is ignored for it. ``batch_size`` (images per model
     call) defaults to 8 on CPU and 32 on a GPU; ``workers`` decode in parallel; ``on_progress(spec,
     done, total)`` reports each batch. ``gallery_root`` (the resolved root, an OS path) is recorded in
     the build; a live build made for another root is rebuilt for this one (with a warning naming
@@ -172,14 +174,16 @@ def build_index(
         if not kept:
             raise LensError(f"none of the {len(items)} images in '{root}' could be read")
         vectors = np.stack(rows)  # cached and new rows come from the same method: one dtype
-        # an index asked for (now or by an earlier build) is kept; else one that suits the size
-        chosen = index_spec or previous_spec
-        index = create_index(chosen or default_index(len(vectors), info.metric), info.dim, info.metric)
+        if isinstance(method, MatchesLocally):
+            chosen, index = None, None  # it retrieves with its own index (save_state): no vector index
+        else:  # an index asked for (now or by an earlier build) is kept; else one that suits the size
+            chosen = index_spec or previous_spec
+            index = create_index(chosen or default_index(len(vectors), info.metric), info.dim, info.metric)
         if isinstance(index, KeyedIndex):  # a database: updated in place (upsert + delete), not rebuilt
             index.sync([item.path for item in kept], vectors, {item.path for item in fresh},
                        gallery=gallery_root or str(root.resolve()), method=method_dir.name,
                        facts={**info.as_dict(), "gallery": gallery_root, "writer": str(method_dir.resolve())})
-        else:
+        elif index is not None:
             index.build(vectors)
         skipped = [(by_file[p], why) for p, why in embedded.skipped]
         folder = publish(

@@ -25,6 +25,8 @@ EDITED = ["astronaut", "chelsea", "coffee", "rocket", "camera", "clock", "coins"
 
 
 def skimage_photo(name: str) -> Image.Image:
+    """The ``skimage.data`` photo ``name`` (a key of :data:`PHOTOS`) as an RGB picture, uint8 (greyscale and
+    float photos converted). Raises ``AttributeError`` for a name ``skimage.data`` does not have."""
     import skimage.data
 
     array = getattr(skimage.data, name)()
@@ -66,6 +68,8 @@ EXAMPLES = {"chelsea": "cat", "astronaut": "astronaut", "coffee": "coffee", "roc
 
 
 def write_examples(folder: str | Path) -> list[Path]:
+    """Write the example query photos (:data:`EXAMPLES`) into ``folder`` as JPEGs (quality 85), each rotated
+    by 5 degrees and cropped by 5% on two sides; returns their paths (files there are overwritten)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -76,6 +76,7 @@ def search_pictures(
     def file(path: str) -> Path:
         return files.get(path) or root / path
 
+    _vector_index(stored, searcher)
     prepared = [searcher.prepare(picture) for picture in pictures]
     vectors = searcher.embed_prepared(prepared)
     count, kind = rerank_count(rerank, stored, searcher), stored.index.metric
@@ -190,6 +191,7 @@ def search_text(
     image = searcher.embed([picture]) if picture is not None and text_weight < 1 else None
     vectors = compose_query(image, words, text_weight)
     kind = "text cosine" if image is None else "cosine" if text_weight == 0 else "image+text cosine"
+    _vector_index(stored, searcher)
     count = rerank_count(rerank, stored, searcher)
     if count >= len(stored.items):
         ids = np.arange(len(stored.items), dtype=np.int64)[None]
@@ -198,6 +200,14 @@ def search_text(
         ids, scores = stored.index.search(vectors, max(k, count))
     return _ranked(stored, vectors, ids, scores, root, k, count, kind,
                    lambda path: (files or {}).get(path) or root / path)[0]
+
+
+def _vector_index(stored: StoredIndex, searcher: Method) -> None:
+    """Refuse a build without a vector index (a ``MatchesLocally`` method's): it is searched with
+    :func:`match_picture`."""
+    if stored.index is None:
+        raise LensError(f"method '{searcher.info.name}' has no vector index: it matches with its own "
+                        "(search it with match_picture, or Gallery.search)")
 
 
 def rerank_count(rerank: Rerank, stored: StoredIndex, method: Method) -> int:

@@ -84,13 +84,18 @@ class Item:
 
 @dataclass
 class StoredIndex:
-    """A published build, opened: its manifest, items, vectors and search index."""
+    """A published build, opened: its manifest, items, vectors and search index.
+
+    ``vectors``: ``(n, dim)`` float32 (cosine) or ``(n, dim / 8)`` uint8 packed bits (hamming), memory-mapped;
+    row i is ``items[i]``'s.
+    """
 
     folder: Path
     manifest: dict[str, Any]
     items: list[Item]
     vectors: np.ndarray
-    index: VectorIndex
+    #: the vector index; None for a method that retrieves with its own (``MatchesLocally``: ``local``)
+    index: VectorIndex | None
 
 
 def _sha256(path: Path) -> str:
@@ -165,7 +170,7 @@ def publish(
     info: MethodInfo,
     items: list[Item],
     vectors: np.ndarray,
-    index: VectorIndex,
+    index: VectorIndex | None,
     build: dict[str, Any],
     write_extra: Callable[[Path], list[str]] | None = None,
     gallery_root: str | None = None,
@@ -173,8 +178,10 @@ def publish(
     """Write a complete build and make it the live one; older builds no reader holds are removed.
 
     ``write_extra(folder)`` writes more files into the build (returning their names); they are
-    checksummed in the manifest like the rest. ``gallery_root`` (the resolved gallery folder, as an
-    OS path) is recorded so that the index is never searched as another gallery's.
+    checksummed in the manifest like the rest. ``index`` None: no vector index (a method that retrieves
+    with its own, written by ``write_extra``); the manifest's ``index`` is then null. ``gallery_root``
+    (the resolved gallery folder, as an OS path) is recorded so that the index is never searched as
+    another gallery's.
     """
     from lens.version import __version__
 
@@ -183,11 +190,12 @@ def publish(
     try:
         np.save(staging / VECTORS, np.ascontiguousarray(vectors))
         _write_json(staging / ITEMS, [item.__dict__ for item in items])
-        files = [VECTORS, ITEMS, *index.save(staging), *(write_extra(staging) if write_extra else [])]
+        files = [VECTORS, ITEMS, *(index.save(staging) if index is not None else []),
+                 *(write_extra(staging) if write_extra else [])]
         manifest = {
             **info.as_dict(),
             "count": len(items),
-            "index": index.spec,
+            "index": index.spec if index is not None else None,
             "gallery": gallery_root,
             "gallery_from_index": _from_index(gallery_root, method_dir),
             "build": build,
@@ -261,7 +269,9 @@ def _load_manifest(build: Path) -> dict[str, Any]:
 
 
 def read_manifest(method_dir: Path) -> dict[str, Any] | None:
-    """The manifest of the live build of ``method_dir`` (None when nothing was published)."""
+    """The manifest of the live build of ``method_dir`` as a dict (see the module for its keys), or None
+    when nothing was published. Raises :class:`~lens.errors.CorruptIndexError` when ``CURRENT`` or the
+    manifest cannot be read or parsed."""
     with reading(method_dir) as build:
         return None if build is None else _load_manifest(build)
 
@@ -306,7 +316,13 @@ def open_build(
     root: str | None = None,
 ) -> StoredIndex:
     """Open the live build of ``method_dir`` (or ``build``, held by :func:`reading`) for ``info``'s
-    method, checking it fits, is intact and, given ``root``, indexes that gallery folder."""
+    method, checking it fits, is intact and, given ``root``, indexes that gallery folder.
+
+    ``verify``: check every file's sha256 (else only its size). Raises
+    :class:`~lens.errors.IndexNotFoundError` when nothing was published,
+    :class:`~lens.errors.IndexMismatchError` for a build of other weights, dimension or metric (or
+    another gallery), and :class:`~lens.errors.CorruptIndexError` for a missing or damaged file.
+    """
     if build is None:
         with reading(method_dir) as live:
             if live is None:
@@ -330,7 +346,8 @@ def open_build(
         vectors = np.load(build / VECTORS, mmap_mode="r")
     except (OSError, ValueError, TypeError) as exc:
         raise CorruptIndexError(f"cannot read index in {build}: {exc}") from exc
-    index = load_index(build, manifest["index"], int(manifest["dim"]), manifest["metric"])
+    spec = manifest.get("index")
+    index = load_index(build, spec, int(manifest["dim"]), manifest["metric"]) if spec is not None else None
     if isinstance(index, KeyedIndex):  # vectors in a database: search results map to this build's rows
         index.attach([item.path for item in items], manifest)
     return StoredIndex(build, manifest, items, vectors, index)

@@ -1,6 +1,6 @@
 """A trained model's folder, as ``lens train`` writes it and trained methods load it.
 
-Layout of a model folder (by default ``models/<gallery folder name>/<method>/``)::
+Layout of a model folder (by default ``models/<gallery folder name>-<hash of its path>/<method>/``)::
 
     model.safetensors   the trained tensors (safetensors: loading never runs pickled code)
     config.json         what rebuilds the network: kind, sizes, backbone, classes, ...

@@ -263,18 +263,25 @@ class BaseMethod:
     streams: int = 1  #: see :class:`Method`; 1: one batch at a time, decoding on worker threads
 
     def prepare(self, image: Image.Image) -> Any:
+        """Per-image CPU work on one RGB picture (thread-safe); here the picture itself, unchanged."""
         return image
 
     def embed_prepared(self, items: Sequence[Any]) -> np.ndarray:  # pragma: no cover - abstract
+        """Vectors of prepared items, as :meth:`Method.embed_prepared`: ``(n, info.dim)`` float32,
+        L2-normalised (cosine) or ``(n, info.dim / 8)`` uint8 packed bits (hamming). Subclasses implement it."""
         raise NotImplementedError
 
     def embed_stream(self, items: Sequence[Any]) -> np.ndarray:
+        """The same vectors as :meth:`embed_prepared`, safe to call from several bulk-embedding streams
+        at once (see :class:`Method`); here simply :meth:`embed_prepared`."""
         return self.embed_prepared(items)
 
     def release_streams(self) -> None:
+        """Free what the streams of :meth:`embed_stream` held, after the last batch; here nothing."""
         pass
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Vectors of RGB pictures: ``embed_prepared([prepare(i) for i in images])``, shaped as there."""
         return self.embed_prepared([self.prepare(image) for image in images])
 
 

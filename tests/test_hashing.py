@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import imagehash
 import numpy as np
 import pytest
 from near_duplicates import PHOTOS, VARIANTS, photo, shared_path
 
 from lens import Gallery, create_method
+from lens.cli import main
 from lens.errors import LensError
 
 HASHES = ["phash", "dhash", "ahash"]
 #: the edits every hash is documented to survive (docs/methods.md); flips, 90-degree rotations and
 #: large crops change the code too much
 SURVIVED_BY_HASHES = ["resize", "jpeg", "brighter", "crop90"]
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -80,17 +76,17 @@ def test_hash_method_refuses_model_weights_and_lsh(photos, tmp_path):
         Gallery(photos, tmp_path / "idx").index(["phash"], index_spec="lsh:64", progress=False)
 
 
-def test_cli_labels_hamming_scores(photos, tmp_path):
+def test_cli_labels_hamming_scores(photos, tmp_path, capsys):
+    """`lens index` + `lens search` (their main, in this process) say that hash scores are Hamming-based."""
     query = tmp_path / "query.jpg"
     VARIANTS["jpeg"](photo("moon")).save(query)
-    run = [sys.executable, "-m", "lens"]
-    subprocess.run([*run, "index", str(photos), "--methods", "dhash", "--index-dir", str(tmp_path / "i"),
-                    "--quiet"], cwd=REPO, check=True, capture_output=True)
-    found = subprocess.run([*run, "search", str(query), "--gallery", str(photos), "--method", "dhash",
-                            "--index-dir", str(tmp_path / "i"), "-k", "2"],
-                           cwd=REPO, check=True, capture_output=True, text=True)
-    assert "Hamming" in found.stdout.splitlines()[0]
-    assert "moon.png" in found.stdout.splitlines()[1]
+    assert main(["index", str(photos), "--methods", "dhash", "--index-dir", str(tmp_path / "i"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["search", str(query), "--gallery", str(photos), "--method", "dhash",
+                 "--index-dir", str(tmp_path / "i"), "-k", "2"]) == 0
+    found = capsys.readouterr().out
+    assert "Hamming" in found.splitlines()[0]
+    assert "moon.png" in found.splitlines()[1]
 
 
 @pytest.mark.shared

@@ -14,7 +14,9 @@ import pytest
 from PIL import Image
 
 from lens import Gallery
+from lens.errors import LensError
 from lens.methods.local import InvertedFile, LocalConfig, LocalMatcher, Vocabulary
+from lens.search import search_pictures
 
 SIZE = (320, 240)  #: items and scenes, pixels (width, height)
 ITEMS = 10
@@ -137,6 +139,23 @@ def test_incremental_add_and_delete_keep_the_other_images(scenes, tmp_path):
     found = [r.path for r in gallery.search(scenes["photo"], "local", k=3) if r.match == "exact"]
     assert sorted(found) == ["copy-of-3.png", "item3.png"]
     assert all(r.path != "item5.png" for r in gallery.search(texture(5), "local", k=10))
+
+
+def test_local_builds_keep_no_vector_index_and_still_search(scenes, tmp_path):
+    """``local`` retrieves with its inverted file: its builds hold no (1-d placeholder) vector index,
+    even when an index backend is asked for, and searching it through the vector path is refused."""
+    gallery = Gallery(scenes["root"], tmp_path / "index")
+    [report] = gallery.index(["local"], index_spec="faiss:HNSW32", progress=False)
+    stored = gallery.open("local")
+    assert stored.index is None and stored.manifest["index"] is None
+    assert not {"index.ann", "index.faiss"} & set(stored.manifest["files"])
+    assert not list(report.folder.glob("index.*"))
+    assert gallery.indexed_methods() == ["local"]
+    assert gallery.search(scenes["photo"], "local", k=1)[0].path == "item3.png"
+    with pytest.raises(LensError, match="no vector index"):
+        search_pictures(stored, gallery.method("local"), [Image.fromarray(scenes["photo"])], gallery.root)
+    [again] = gallery.index(["local"], progress=False)  # a refresh reuses every row, still no index
+    assert (again.embedded, again.reused) == (0, ITEMS + 1) and gallery.open("local").index is None
 
 
 def test_inverted_file_add_and_delete_match_a_fresh_build():

@@ -15,8 +15,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +22,9 @@ import pytest
 from conftest import REPO, index_dir_seen_from, make_picture, write_gallery
 from PIL import Image
 
+from benchmarks.reindex_stress import run_threads
 from lens import Gallery
-from lens.errors import IndexMismatchError, LensError
+from lens.errors import IndexMismatchError, LensError, ModelLoadError
 from lens.images import MAX_ASPECT, MAX_STRIP_SIDE, ImageError, check_box, iter_image_files, load_image
 from lens.store import ITEMS, live_build, reading
 
@@ -64,59 +63,42 @@ def test_galleries_with_the_same_folder_name_never_share_an_index(tmp_path, monk
         Gallery("2023/photos", old.index_dir).search(make_picture(0), "phash", k=1)
 
 
+def test_galleries_with_the_same_folder_name_never_share_a_trained_model(tmp_path, monkeypatch):
+    """Trained models are keyed like index folders (models/<name>-<hash of the path>/), not by the folder
+    name: 2024/photos never loads the autoencoder `lens train` wrote for 2023/photos."""
+    from lens.training import TrainSettings
+    from lens.training.autoencoder import train
+
+    monkeypatch.chdir(tmp_path)
+    write_gallery(tmp_path / "2023" / "photos", 8, start_seed=0)
+    write_gallery(tmp_path / "2024" / "photos", 8, start_seed=100)
+    old, new = Gallery("2023/photos"), Gallery("2024/photos")
+    assert old.models_dir != new.models_dir
+    assert old.models_dir == Path("models") / old.index_dir.name and old.models_dir.name.startswith("photos-")
+    train("2023/photos", old.models_dir / "autoencoder", TrainSettings(epochs=1, batch_size=4, val_split=0.25),
+          image_size=32, latent_dim=16, progress=False)
+    old.index(["autoencoder"], progress=False)
+    assert old.search("2023/photos/img000.jpg", "autoencoder", k=1)[0].path == "img000.jpg"
+    with pytest.raises(ModelLoadError, match="lens train autoencoder") as caught:
+        new.index(["autoencoder"], progress=False)
+    assert "older lens" not in str(caught.value)
+    # a model an older lens wrote to models/photos/ is named in the error, never used silently
+    shutil.copytree(old.models_dir / "autoencoder", tmp_path / "models" / "photos" / "autoencoder")
+    with pytest.raises(ModelLoadError, match=r"models/photos/autoencoder holds a model trained by an older lens"):
+        Gallery("2024/photos").index(["autoencoder"], progress=False)
+
+
 # -- 2. searching while the same gallery is re-indexed --------------------------------------------------
-def _hammer(folder: Path, index_dir: Path, seconds: float) -> tuple[int, int, list[str], int]:
-    """One writer re-indexing phash in a loop (adding and removing a file), two readers: one on a
-    shared Gallery (as the app), one opening a fresh Gallery per search (as `lens search`)."""
-    stop = threading.Event()
-    errors: list[str] = []
-    searches = [0]
-    builds = [0]
-    shared = Gallery(folder, index_dir)
-    extra = folder / "extra.png"
-
-    def writer() -> None:
-        gallery = Gallery(folder, index_dir)
-        while not stop.is_set():
-            try:
-                if extra.exists():
-                    extra.unlink()
-                else:
-                    make_picture(999).save(extra)
-                gallery.index(["phash"], progress=False)
-                builds[0] += 1
-            except Exception as exc:  # noqa: BLE001 - every failure counts
-                errors.append(f"writer: {type(exc).__name__}: {exc}")
-
-    def reader(fresh: bool) -> None:
-        while not stop.is_set():
-            try:
-                gallery = Gallery(folder, index_dir) if fresh else shared
-                [hit] = gallery.search(make_picture(3), "phash", k=1)
-                if (hit.path, hit.score) != ("img003.png", 1.0):
-                    errors.append(f"wrong result {hit}")
-                searches[0] += 1
-            except Exception as exc:  # noqa: BLE001
-                errors.append(f"reader: {type(exc).__name__}: {exc}")
-
-    threads = [threading.Thread(target=writer), threading.Thread(target=reader, args=(False,)),
-               threading.Thread(target=reader, args=(True,))]
-    for thread in threads:
-        thread.start()
-    time.sleep(seconds)
-    stop.set()
-    for thread in threads:
-        thread.join(60)
-    return searches[0], builds[0], errors, len(list((index_dir / "phash").glob("build-*")))
-
-
 def test_searches_during_reindexing_get_a_complete_build_and_never_fail(tmp_path):
     folder = tmp_path / "photos"
     write_gallery(folder, 20)
     Gallery(folder, tmp_path / "idx").index(["phash"], progress=False)
-    searches, builds, errors, left = _hammer(folder, tmp_path / "idx", seconds=4.0)
-    assert errors == []
-    assert searches > 20 and builds > 3  # both sides really ran against each other
+    # the benchmark's loop: one writer re-indexing phash (adding and removing a file), one reader on a
+    # shared Gallery (as the app), one opening a fresh Gallery per search (as `lens search`)
+    outcome = run_threads(folder, tmp_path / "idx", seconds=4.0, readers=2)
+    assert outcome["errors"] == {}, outcome["examples"]
+    assert outcome["searches"] > 20 and outcome["builds"] > 3  # both sides really ran against each other
+    left = len(list((tmp_path / "idx" / "phash").glob("build-*")))
     assert left <= 3  # superseded builds are removed once no reader is opening them
 
 

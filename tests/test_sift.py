@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from importlib import metadata
-from pathlib import Path
 
 import numpy as np
 import pytest
 from near_duplicates import PHOTOS, VARIANTS, average_precision, photo, shared_path, write_photos
 
 from lens import Gallery, create_method
+from lens.cli import main
 from lens.errors import CorruptIndexError, LensError
 from lens.images import load_image
 from lens.methods.sift import count_inliers, extract, ratio_matches, root_sift
 
-REPO = Path(__file__).resolve().parents[1]
 #: the edits SIFT is documented to survive (docs/methods.md); a mirror image is not one of them
 SURVIVED_BY_SIFT = ["resize", "jpeg", "brighter", "crop50", "rotate10", "rotate90"]
 FEW = 4  #: candidates re-ranked in the tests: far fewer than the gallery, so the index matters
@@ -156,18 +153,21 @@ def test_damaged_keypoints_are_detected(photos, tmp_path):
         Gallery(photos, tmp_path / "idx").search(photo("moon"), "sift")
 
 
-def test_cli_labels_inlier_scores(gallery, photos, tmp_path):
+def test_cli_labels_inlier_scores(gallery, photos, tmp_path, capsys):
+    """`lens search` (its main, in this process) says that SIFT's scores are inlier counts."""
     query = tmp_path / "query.jpg"
     VARIANTS["rotate90"](photo("page")).save(query)
-    command = [sys.executable, "-m", "lens", "search", str(query), "--gallery", str(photos),
-               "--index-dir", str(gallery.index_dir), "--method", "sift", "-k", "2"]
-    shown = subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True).stdout
+    command = ["search", str(query), "--gallery", str(photos), "--index-dir", str(gallery.index_dir),
+               "--method", "sift", "-k", "2"]
+    assert main(command) == 0
+    shown = capsys.readouterr().out
     assert "inliers" in shown.splitlines()[0] and "page.png" in shown.splitlines()[1]
-    listed = json.loads(subprocess.run([*command, "--json", "--rerank", "all"], cwd=REPO, check=True,
-                                       capture_output=True, text=True).stdout)
+    assert main([*command, "--json", "--rerank", "all"]) == 0
+    listed = json.loads(capsys.readouterr().out)
     assert listed[0]["score_kind"] == "inliers" and listed[0]["score"] >= 20
-    bad = subprocess.run([*command, "--rerank", "many"], cwd=REPO, capture_output=True, text=True)
-    assert bad.returncode == 2 and "--rerank" in bad.stderr
+    with pytest.raises(SystemExit) as bad:
+        main([*command, "--rerank", "many"])
+    assert bad.value.code == 2 and "--rerank" in capsys.readouterr().err
 
 
 def test_exactly_one_opencv_distribution_is_installed():

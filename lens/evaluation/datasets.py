@@ -35,6 +35,12 @@ DISTRACTOR_PREFIX = "~distractors/"
 
 @dataclass
 class Dataset:
+    """A labelled retrieval dataset as ``lens eval`` reads it (layouts in the module docstring).
+
+    Gallery ids are paths relative to ``gallery_root`` (POSIX ``/``); queries are files. ``relevant[q]``
+    never holds the query's own gallery id (``exclude[q]``), so a query never counts itself.
+    """
+
     name: str
     gallery_root: Path  #: the folder the gallery's images are in
     #: gallery image ids (paths relative to gallery_root), in the folder's scan order: exactly what is
@@ -49,6 +55,7 @@ class Dataset:
     labels: dict[str, str] = field(default_factory=dict)  #: gallery id -> class, when classes exist
 
     def describe(self) -> str:
+        """One line for people: the name, the layout, the gallery's size and folder, the number of queries."""
         return (f"{self.name}: {self.kind}; gallery {len(self.gallery)} images in {self.gallery_root}, "
                 f"{len(self.queries)} queries")
 
@@ -64,6 +71,12 @@ def _classes(root: Path) -> dict[str, str]:
 
 
 def load_dataset(folder: str | Path, *, max_queries: int | None = None, seed: int = 0) -> Dataset:
+    """The dataset in ``folder``, its layout found from what is there (module docstring): ``groundtruth.json``,
+    else ``train/`` + ``test/`` (or ``validation/``), else class sub-folders (leave-one-out).
+
+    ``max_queries``: keep a random sample of that many queries (``random.Random(seed)``, sorted), for a
+    quicker run. Raises :class:`LensError` for a missing folder, an unreadable ``groundtruth.json``, a
+    gallery list naming files that are not there, a folder that is neither layout, or no queries."""
     folder = Path(folder)
     if not folder.is_dir():
         raise LensError(f"dataset folder '{folder}' does not exist")

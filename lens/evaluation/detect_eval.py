@@ -56,7 +56,11 @@ class CocoDetections:
 def detect_coco(
     detector: Detector, images_dir: str | os.PathLike, annotations: str | os.PathLike, batch_size: int = 8
 ) -> CocoDetections:
-    """Run ``detector`` on every image listed in the COCO ``annotations`` file."""
+    """Run ``detector`` on every image listed in the COCO ``annotations`` file, ``batch_size`` at a time.
+
+    Raises ``OSError`` / ``ValueError`` for an unreadable annotations file and
+    :class:`~lens.images.ImageError` for an image that cannot be decoded.
+    """
     data = json.loads(Path(annotations).read_text())
     images = data["images"]
     boxes: dict[int, list[Box]] = {}
@@ -92,6 +96,7 @@ def coco_map(found: CocoDetections) -> dict[str, float]:
 
 
 def iou(a: Box, b: Box) -> float:
+    """Intersection over union of two boxes (pixels), in [0, 1]; 0 when the union has no area."""
     width = max(0.0, min(a.x2, b.x2) - max(a.x1, b.x1))
     height = max(0.0, min(a.y2, b.y2) - max(a.y1, b.y1))
     inter = width * height

@@ -25,10 +25,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from lens.errors import LensError
 from lens.evaluation.datasets import Dataset
 from lens.evaluation.metrics import average_precision, hit_at_k, mean_or_nan
 from lens.gallery import SCORE_LABELS, Gallery
-from lens.images import ImageError, crop, load_image
+from lens.images import ImageError, check_box, crop, load_image
 from lens.types import LearnsFromGallery, Region, Reranks
 
 log = logging.getLogger("lens")
@@ -66,6 +67,14 @@ class Ranking:
 
 @dataclass
 class MethodResult:
+    """One method's figures on one dataset, as ``results.json`` and the report show them.
+
+    ``map`` and ``recall[k]`` (R@k, k in :data:`RECALL_KS`) are in [0, 1] (conventions:
+    :mod:`lens.evaluation.metrics`); times are milliseconds (``query_ms_*``, ``embed_ms_per_image``) or
+    seconds (``build_seconds``); sizes are bytes. ``error`` is set (and the figures are NaN) when the method
+    failed: the run goes on with the next method.
+    """
+
     method: str
     map: float
     recall: dict[int, float]
@@ -77,7 +86,7 @@ class MethodResult:
     build_seconds: float
     index_bytes: int  #: the search index's own files
     stored_bytes: int  #: everything in the build (index + vectors + items + side data)
-    index_spec: str
+    index_spec: str | None  #: the vector index's spec; None for a method with its own index (``local``)
     ann_recall_at_10: float | None  #: approximate index vs exact search; None when not applicable
     model: str
     weights: str
@@ -88,10 +97,12 @@ class MethodResult:
 
     @classmethod
     def failed(cls, method: str, error: str) -> MethodResult:
+        """The result of a method that could not be evaluated: ``error`` says why, every figure is NaN or empty."""
         nan = float("nan")
         return cls(method, nan, {}, 0, 0, nan, nan, nan, 0.0, 0, 0, "", None, "", "", "", "", error=error)
 
     def summary(self) -> dict[str, Any]:
+        """JSON-ready fields for ``results.json`` (every field but the per-query ``rankings``)."""
         data = asdict(self)
         data.pop("rankings")
         return data
@@ -102,20 +113,42 @@ def _percentile(values: Sequence[float], q: float) -> float:
 
 
 def load_queries(dataset: Dataset, detect: Callable[[Image.Image], Region] | None = None,
-                 margin: float = 0.0) -> list[Query]:
-    """The dataset's readable queries (an unreadable one is skipped with a warning).
+                 margin: float = 0.0, skipped: list[tuple[Path, str]] | None = None) -> list[Query]:
+    """The dataset's usable queries, in order.
 
-    ``detect(picture)`` gives the region to search (the main subject; None: the whole photo), cropped
-    with ``margin``; it runs once per query here. Each query is decoded to check it, then let go.
+    ``detect(picture)`` gives the region to search (the main subject, a :class:`~lens.types.Box` or
+    ``(x1, y1, x2, y2)`` in pixels; None: the whole photo), cropped with ``margin`` (a fraction of its
+    width / height, :func:`lens.images.crop`); it runs once per query here. Each query is decoded to
+    check it, then let go.
+
+    One bad query never stops an evaluation: a query that cannot be decoded, or whose detected region
+    cannot be searched (not 4 finite numbers, no area, or outside the photo: :func:`lens.images.check_box`),
+    is skipped with a warning and appended to ``skipped`` as (file, reason). Raises :class:`LensError`
+    for a negative ``margin`` (it would refuse every query).
     """
+    if not margin >= 0:
+        raise LensError(f"the crop margin must be 0 or more, got {margin}")
     queries = []
+
+    def skip(path: Path, reason: str) -> None:
+        log.warning("query skipped: %s", reason)
+        if skipped is not None:
+            skipped.append((path, reason))
+
     for path in dataset.queries:
         try:
             picture = load_image(path)
         except ImageError as exc:
-            log.warning("query skipped: %s", exc)
+            skip(path, str(exc))
             continue
-        queries.append(Query(path, detect(picture) if detect else None, margin))
+        box = detect(picture) if detect else None
+        try:
+            if box is not None:
+                check_box(box, picture.size)
+        except ImageError as exc:
+            skip(path, f"{path}: the detected region cannot be searched: {exc}")
+            continue
+        queries.append(Query(path, box, margin))
     return queries
 
 
@@ -124,7 +157,7 @@ def eval_gallery(dataset: Dataset, work: Path, *, distractors: Mapping[str, Path
     """The gallery ``lens eval`` indexes: exactly the dataset's gallery images, plus ``distractors``.
 
     Its ids are the dataset's gallery ids (paths relative to its images folder) and the distractors'
-    ids (:func:`lens.datasets.distractor_files`). Methods that learn from the gallery (SIFT's
+    ids (:func:`lens.evaluation.datasets.distractor_files`). Methods that learn from the gallery (SIFT's
     vocabulary) learn from the dataset's gallery only, never from queries or distractors. Indexes go
     to ``work/indexes``, trained models to ``work/models``.
     """
@@ -135,7 +168,13 @@ def eval_gallery(dataset: Dataset, work: Path, *, distractors: Mapping[str, Path
 
 
 def exact_top(vectors: np.ndarray, queries: np.ndarray, metric: str, k: int) -> np.ndarray:
-    """Ids of the exact top-k by brute force (the reference for approximate indexes)."""
+    """Row ids of the exact top-k by brute force (the reference for approximate indexes): ``(q, min(k, n))``
+    int64, best first.
+
+    ``vectors`` ``(n, d)`` and ``queries`` ``(q, d)``: float32 for ``cosine`` (unit rows: the inner
+    product is the cosine), uint8 packed bits or 0/1 rows for ``hamming``. Raises ``ValueError`` for
+    another metric.
+    """
     vectors, queries = np.asarray(vectors), np.asarray(queries)
     if metric == "cosine":
         similarity = queries.astype(np.float32) @ vectors.astype(np.float32).T
@@ -166,7 +205,10 @@ def evaluate_method(
 
     Every query is searched twice: once timed as a user's search (``k = SEARCH_K``), once for the
     ranking that is scored (the whole gallery, or its ``top`` results), with the query's own gallery
-    image left out.
+    image left out. Times are wall-clock (``time.perf_counter``), after one warm-up search.
+
+    Raises what indexing and searching raise (:class:`LensError` and its kinds, e.g. an unknown method,
+    a model that cannot load, no readable gallery image); ``lens eval`` records it as a failed method.
     """
     started = time.perf_counter()
     [report] = gallery.index([method], index_spec=index_spec, batch_size=batch_size, progress=True)
@@ -229,7 +271,7 @@ def _ann_recall(gallery: Gallery, method: str, queries: Sequence[Query], k: int 
     stored = gallery.open(method)
     searcher = gallery.method(method)
     info = searcher.info
-    if info.metric not in ("cosine", "hamming") or not len(stored.items) or not queries:
+    if stored.index is None or info.metric not in ("cosine", "hamming") or not len(stored.items) or not queries:
         return None
     chosen = list(queries[:sample])
     queries = np.concatenate([searcher.embed([q.picture() for q in chosen[i : i + _EMBED_BATCH]])
@@ -281,6 +323,7 @@ def prepare_trained(gallery: Gallery, dataset: Dataset, method: str, *, backbone
     ``"gallery"`` list of a groundtruth.json dataset without labels, and every image without labels
     for a leave-one-out dataset (whose queries are among them; without labels, theirs stay unknown).
     A model given with ``models=`` is used as it is; one already trained on exactly this data is reused.
+    Raises :class:`LensError` when training fails (e.g. too few images, a backbone that cannot load).
     """
     import json
     from dataclasses import replace

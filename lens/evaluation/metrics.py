@@ -68,7 +68,8 @@ def hit_at_k(relevant: Sequence[bool], scores: Sequence[float] | None, k: int) -
 
 
 def precision_recall(relevant: Sequence[bool], n_relevant: int) -> tuple[np.ndarray, np.ndarray]:
-    """Precision and recall after each rank of one ranking (empty arrays when nothing is relevant)."""
+    """Precision and recall after each rank of one ranking: two ``(len(relevant),)`` float64 arrays in
+    [0, 1] (empty when nothing is relevant)."""
     if n_relevant <= 0 or not len(relevant):
         return np.zeros(0), np.zeros(0)
     hits = np.cumsum(np.asarray(relevant, dtype=np.float64))
@@ -77,7 +78,12 @@ def precision_recall(relevant: Sequence[bool], n_relevant: int) -> tuple[np.ndar
 
 
 def interpolated_pr(rankings: Sequence[tuple[Sequence[bool], int]], levels: int = 21) -> tuple[np.ndarray, np.ndarray]:
-    """Mean interpolated precision at ``levels`` recall points over queries (for PR curves)."""
+    """Mean interpolated precision at ``levels`` recall points over queries (for PR curves).
+
+    ``rankings``: (relevant flags best first, number relevant in the gallery) per query. Returns the
+    recall grid ``(levels,)`` (0 to 1) and the mean over queries of the best precision at a recall >=
+    each level, ``(levels,)`` float64 (queries with nothing relevant left out; zeros when none is left).
+    """
     grid = np.linspace(0.0, 1.0, levels)
     curves = []
     for relevant, n_relevant in rankings:
@@ -93,5 +99,6 @@ def interpolated_pr(rankings: Sequence[tuple[Sequence[bool], int]], levels: int 
 
 
 def mean_or_nan(values: Sequence[float | None]) -> float:
+    """The mean of the values that are not None (queries without an AP left out); NaN when none is left."""
     kept = [v for v in values if v is not None]
     return float(np.mean(kept)) if kept else float("nan")

@@ -63,6 +63,8 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 
 def table_rows(results: Sequence[MethodResult]) -> list[list[str]]:
+    """One row of text cells per method, in :data:`COLUMNS` order (mAP and R@k to 3 decimals, milliseconds and
+    seconds to 1, index size in KiB, "–" for a missing figure); a failed method's row says so."""
     rows = []
     names = short_names([r.method for r in results])
     for r in results:
@@ -76,11 +78,13 @@ def table_rows(results: Sequence[MethodResult]) -> list[list[str]]:
 
 
 def failures(results: Sequence[MethodResult]) -> str:
+    """One ``- <method> failed: <why>`` line per failed method ("" when none failed)."""
     names = short_names([r.method for r in results])
     return "\n".join(f"- {names[r.method]} failed: {r.error}" for r in results if r.error)
 
 
 def text_table(results: Sequence[MethodResult]) -> str:
+    """The results as an aligned plain-text table (what ``lens eval`` prints), followed by the failures."""
     rows = [COLUMNS, *table_rows(results)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
@@ -88,6 +92,7 @@ def text_table(results: Sequence[MethodResult]) -> str:
 
 
 def markdown_table(results: Sequence[MethodResult]) -> str:
+    """The results as a Markdown table (:data:`COLUMNS`), for report.md."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(results)]
     return "\n".join(lines)
@@ -97,7 +102,8 @@ _MARKERS = "osD^v<>ph*"
 
 
 def plot_map_vs_latency(results: Sequence[MethodResult], path: Path) -> None:
-    """mAP against query latency (log scale), one marker per method, named in a legend beside the plot."""
+    """Write a PNG (120 dpi) to ``path``: mAP against query latency p50 (ms, log scale), one marker per
+    method, named in a legend beside the plot; failed methods and those without a mAP are left out."""
     shown = [r for r in results if not r.error and not math.isnan(r.map) and r.query_ms_p50 > 0]
     names = short_names([r.method for r in results])
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -126,6 +132,9 @@ def plot_map_vs_latency(results: Sequence[MethodResult], path: Path) -> None:
 
 
 def plot_pr_curves(results: Sequence[MethodResult], path: Path) -> None:
+    """Write a PNG (120 dpi) of each method's precision-recall curve to ``path``: precision interpolated at 21
+    recall levels and averaged over queries (:func:`lens.evaluation.metrics.interpolated_pr`); failed
+    methods are left out."""
     names = short_names([r.method for r in results])
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for r in results:

@@ -24,6 +24,12 @@ FILE = "index.ann"
 
 @register_backend("annoy")
 class AnnoyIndex:
+    """Spotify Annoy (random-projection forests, memory-mapped) behind :class:`~lens.index.VectorIndex`.
+
+    Spec ``annoy`` or ``annoy:trees=50,search_k=-1`` (see the module). Raises :class:`LensError` for a
+    metric other than ``cosine`` / ``hamming`` or an unknown option.
+    """
+
     def __init__(self, spec: str, dim: int, metric: str):
         if metric not in _METRICS:
             raise LensError(f"annoy backend does not support metric '{metric}'")
@@ -45,6 +51,8 @@ class AnnoyIndex:
         return np.asarray(vectors, dtype=np.float32)
 
     def build(self, vectors: np.ndarray) -> None:
+        """Index ``vectors``: ``(n, dim)`` float32 (cosine) or ``(n, dim / 8)`` uint8 packed bits (hamming);
+        row i gets id i. ``trees`` trees, seed 0, built on every core."""
         vectors = self._rows(vectors)
         index = _Annoy(self.dim, _METRICS[self.metric])
         index.set_seed(0)
@@ -54,6 +62,8 @@ class AnnoyIndex:
         self._index, self._count = index, len(vectors)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(q, k)`` int64 ids (-1 where fewer) and ``(q, k)`` float32 similarities in [0, 1], best first,
+        for queries shaped like :meth:`build`'s vectors; ``k`` is capped at the number indexed."""
         queries = self._rows(queries)
         k = max(1, min(k, self._count)) if self._count else 0
         ids = np.full((len(queries), k), -1, dtype=np.int64)
@@ -65,11 +75,13 @@ class AnnoyIndex:
         return ids, similarity_from_distance(distances, self.metric, self.dim)
 
     def save(self, folder: Path) -> list[str]:
+        """Write ``index.ann`` into ``folder``; returns ``["index.ann"]``."""
         self._index.save(str(Path(folder) / FILE))
         return [FILE]
 
     @classmethod
     def load(cls, folder: Path, spec: str, dim: int, metric: str) -> AnnoyIndex:
+        """Memory-map ``folder/index.ann``. Raises :class:`~lens.errors.CorruptIndexError` when it cannot be opened."""
         self = cls(spec, dim, metric)
         path = Path(folder) / FILE
         try:

@@ -132,6 +132,9 @@ class FaissIndex:
         return vectors
 
     def build(self, vectors: np.ndarray) -> None:
+        """Index ``vectors``: ``(n, dim)`` float32 (cosine; L2-normalised here) or ``(n, dim / 8)`` uint8
+        packed bits (hamming); row i gets id i. Indexes that need training (IVF, PQ) learn from these
+        vectors. Raises :class:`LensError` for vectors of another width, or too few for the factory."""
         vectors = self._prepare(vectors)
         index = self._new_index()
         try:
@@ -163,6 +166,8 @@ class FaissIndex:
                                 "(e.g. efSearch is for HNSW, nprobe for IVF)") from None
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(q, k)`` int64 ids (-1 where fewer) and ``(q, k)`` float32 similarities in [0, 1], best first,
+        for queries shaped like :meth:`build`'s vectors; ``k`` is capped at the number indexed."""
         queries = self._prepare(queries)
         count = len(self)
         k = max(1, min(k, count)) if count else 0
@@ -174,12 +179,15 @@ class FaissIndex:
         return ids.astype(np.int64), similarities
 
     def save(self, folder: Path) -> list[str]:
+        """Write ``index.faiss`` into ``folder``; returns ``["index.faiss"]``."""
         path = str(Path(folder) / FILE)
         (faiss.write_index_binary if self.metric == "hamming" else faiss.write_index)(self._index, path)
         return [FILE]
 
     @classmethod
     def load(cls, folder: Path, spec: str, dim: int, metric: str) -> FaissIndex:
+        """Read ``folder/index.faiss`` and re-apply the spec's search parameters. Raises
+        :class:`~lens.errors.CorruptIndexError` for a file FAISS cannot read or one of another dimension."""
         self = cls(spec, dim, metric)
         path = Path(folder) / FILE
         try:

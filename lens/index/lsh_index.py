@@ -23,6 +23,12 @@ from lens.index.faiss_index import FaissIndex
 
 @register_backend("lsh")
 class LshIndex(FaissIndex):
+    """Random-hyperplane LSH codes (FAISS ``IndexLSH``, Charikar 2002: vectors at angle t differ in a
+    fraction t / pi of their bits), searched by Hamming distance; similarity ``cos(pi * h / BITS)``.
+
+    Spec ``lsh:BITS[:rerank=N]``; cosine (float) vectors only. Raises :class:`LensError` otherwise.
+    """
+
     default_factory = "256"
 
     def __init__(self, spec: str, dim: int, metric: str):

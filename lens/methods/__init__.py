@@ -9,8 +9,8 @@ Adding a method: write ``lens/methods/<family>.py`` that decorates its factory w
 
 Trained methods (``autoencoder``, ``siamese``, ``finetune``; ``register_method(..., trained=True)``)
 load a model folder written by ``lens train``; a :class:`lens.Gallery` gives them its own
-``models/<gallery name>/<method>`` folder unless told otherwise. A local model folder whose weights
-file changes (a retrained model) is loaded afresh by the next ``create_method``.
+``models/<gallery name>-<hash of its path>/<method>`` folder unless told otherwise. A local model
+folder whose weights file changes (a retrained model) is loaded afresh by the next ``create_method``.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ four stride-2 3x3 convolutions (16, 32, 64, 128 channels) and a linear layer enc
 and four stride-2 transposed convolutions decode; the loss is the mean squared error of the pixels.
 
 The ``autoencoder`` method embeds a picture with the encoder's latent, L2-normalised (cosine). It
-loads ``models/<gallery>/autoencoder`` for a gallery, or any model folder: ``--model
+loads ``models/<gallery>-<hash>/autoencoder`` for a gallery, or any model folder: ``--model
 autoencoder=PATH`` or the spec ``autoencoder:PATH``.
 """
 
@@ -33,6 +33,12 @@ CHANNELS = (16, 32, 64, 128)
 
 
 class ConvAutoencoder(nn.Module):
+    """The network (see the module): ``(n, 3, S, S)`` float pixels in [0, 1] -> ``latent_dim`` encoder
+    latent -> ``(n, 3, S, S)`` reconstruction in [0, 1] (sigmoid), S = ``image_size``.
+
+    Raises :class:`LensError` when ``image_size`` is not a multiple of ``2 ** len(channels)`` (16).
+    """
+
     def __init__(self, image_size: int = 128, latent_dim: int = 256, channels: Sequence[int] = CHANNELS):
         super().__init__()
         side = image_size // 2 ** len(channels)
@@ -51,6 +57,7 @@ class ConvAutoencoder(nn.Module):
         self.decoder = nn.Sequential(*up)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The reconstruction of ``pixels``: ``(n, 3, S, S)`` float in [0, 1] in, the same shape out."""
         return self.decoder(self.encoder(pixels))
 
 
@@ -86,9 +93,12 @@ class AutoencoderMethod(BaseMethod):
         )
 
     def prepare(self, image: Image.Image) -> torch.Tensor:
+        """The picture squashed to ``image_size`` x ``image_size`` (bilinear): ``(3, S, S)`` uint8
+        (:func:`to_pixels`)."""
         return to_pixels(image, self.size)
 
     def embed_prepared(self, items: Sequence[Any]) -> np.ndarray:
+        """The encoder's latents of prepared pixels (scaled to [0, 1]): ``(n, latent_dim)`` float32, L2-normalised."""
         batch = torch.stack(list(items)).to(self.device).float() / 255
         with self._lock, torch.inference_mode():
             return l2_normalise(self.net.encoder(batch).float().cpu().numpy())

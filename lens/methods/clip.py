@@ -57,6 +57,8 @@ class ImageTower(torch.nn.Module):
         self.model = model
 
     def forward(self, pixel_values: torch.Tensor) -> Any:
+        """``get_image_features`` of ``(n, 3, H, W)`` float pixel values (the processor's): the projected image
+        embeddings, ``(n, dim)`` (or an output whose ``pooler_output`` they are)."""
         return self.model.get_image_features(pixel_values=pixel_values)
 
 
@@ -69,6 +71,8 @@ class TextTower(torch.nn.Module):
         self.names = tuple(names)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The projected text embeddings ``(n, dim)`` float32 of ``(n, L)`` int64 inputs given in ``names`` order
+        (``input_ids``, and ``attention_mask`` when the tokenizer makes one); not normalised."""
         output = self.model.get_text_features(**dict(zip(self.names, inputs)))
         return getattr(output, "pooler_output", output).float()
 
@@ -112,6 +116,8 @@ class ClipMethod(HFBackbone):
                                               "text": True})
 
     def image_model(self, loaded: torch.nn.Module) -> torch.nn.Module:
+        """The image tower of a two-tower model (:class:`ImageTower`). Raises :class:`ModelLoadError` for a model
+        without ``get_image_features`` and ``get_text_features`` (not CLIP-family)."""
         if not (hasattr(loaded, "get_image_features") and hasattr(loaded, "get_text_features")):
             raise ModelLoadError(
                 f"'{self.model_ref}' ({type(loaded).__name__}) is not a CLIP-family model with an image and a "

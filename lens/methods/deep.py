@@ -47,6 +47,11 @@ _LOADING = threading.Lock()
 
 @dataclass(frozen=True)
 class Preset:
+    """A named deep method's default weights (a hub id) and its pooling rule: ``pooler`` (the model's
+    ``pooler_output``), ``cls`` (the last hidden state's first token), ``mean`` (the mean of the last
+    hidden state) or ``auto`` (``pooler_output`` when there is one, else ``mean``).
+    """
+
     model: str
     pooling: str  # "pooler" | "cls" | "mean" | "auto"
 
@@ -59,6 +64,7 @@ PRESETS: dict[str, Preset] = {
 
 
 def default_device() -> torch.device:
+    """``cuda`` when a CUDA GPU is available, else ``cpu``."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -128,9 +134,13 @@ class HFBackbone(BaseMethod):
             return "torch"
 
     def prepare(self, image: Image.Image) -> torch.Tensor:
+        """The model's own image processor (``AutoImageProcessor``: resize, crop, normalise) on one RGB picture:
+        ``(3, H, W)`` float32 pixel values (H, W: the processor's size, e.g. 224)."""
         return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
 
     def embed_prepared(self, items: Sequence[Any]) -> np.ndarray:
+        """Pooled features of prepared pixel values in one forward pass (ONNX Runtime or PyTorch):
+        ``(n, info.dim)`` float32, L2-normalised."""
         return l2_normalise(self.features(torch.stack(list(items))).cpu().numpy())
 
     @property

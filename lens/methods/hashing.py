@@ -53,10 +53,14 @@ class PerceptualHash(BaseMethod):
         )
 
     def prepare(self, image: Image.Image) -> np.ndarray:
+        """The picture's hash (``imagehash`` on its greyscale version): ``(bits / 8,)`` uint8 packed bits
+        (``np.packbits``), 8 bytes for the default 64 bits."""
         bits = self._function(image, hash_size=self.hash_size).hash.reshape(-1)
         return np.packbits(bits.astype(np.uint8))
 
     def embed_prepared(self, items: Sequence[Any]) -> np.ndarray:
+        """The prepared codes stacked: ``(n, bits / 8)`` uint8 packed bits (``(0, 8)`` for none), compared by
+        Hamming distance."""
         if not items:
             return np.zeros((0, (self.info.dim + 7) // 8), dtype=np.uint8)
         return np.stack([np.asarray(item, dtype=np.uint8) for item in items])

@@ -114,6 +114,7 @@ class Vocabulary:
 
     @property
     def words(self) -> int:
+        """The number of visual words (leaves of the tree)."""
         return len(self.centroids)
 
     @classmethod
@@ -491,6 +492,13 @@ def matched_region(homography: np.ndarray, query_size: tuple[int, int], query_xy
 # -- the method -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LocalConfig:
+    """The ``local`` method's settings (spec options ``local:words=16384,...``; units in each field's comment).
+
+    The defaults (65,536 words, 1,000 keypoints per image shrunk to 640 pixels, a Hamming threshold of 24
+    of 64 bits, 50 images verified, 10 RANSAC inliers for an exact match) are compared with their
+    alternatives on INRIA Holidays in docs/exact-matches.md.
+    """
+
     max_side: int = 640  #: images are shrunk to at most this many pixels on their longer side
     max_keypoints: int = 1000  #: the strongest SIFT keypoints kept per image (gallery and query)
     words: int = 65536  #: visual words learned when no ``vocabulary`` is given
@@ -510,7 +518,8 @@ class LocalMatcher(BaseMethod):
     """Exact-item search: visual words + Hamming embedding + inverted file + RANSAC (see the module).
 
     As a :class:`~lens.types.Method` it gives a 1-d placeholder vector per image (its
-    retrieval is its own inverted file, :meth:`match`); it learns from the gallery
+    retrieval is its own inverted file, :meth:`match`: a :class:`~lens.types.MatchesLocally` method, so
+    its builds hold no vector index); it learns from the gallery
     (:class:`~lens.types.LearnsFromGallery`: the vocabulary, unless ``vocabulary=`` names a
     saved one) and keeps every indexed image's quantised keypoints in the build.
     """
@@ -542,10 +551,15 @@ class LocalMatcher(BaseMethod):
         return self.vocabulary
 
     def prepare(self, image: Image.Image) -> LocalFeatures:
+        """The picture's quantised keypoints (:class:`LocalFeatures`): up to ``max_keypoints`` RootSIFT keypoints
+        of the image shrunk to ``max_side`` pixels, positions in the original image's pixels, each with its
+        visual word(s) and 64-bit signature. Raises :class:`LensError` when there is no vocabulary yet."""
         xy, descriptors = sift_features(image, self.config.max_side, self.config.max_keypoints)
         return self._vocabulary().quantise(xy, descriptors, image.size, self.config.assign)
 
     def embed_prepared(self, items: Sequence[Any]) -> np.ndarray:
+        """A ``(n, 1)`` float32 placeholder of ones: the method retrieves with its own inverted file
+        (:meth:`match`), so no vector index is built over these (:func:`lens.indexing.build_index`)."""
         return np.ones((len(items), 1), np.float32)
 
     # -- learning from the gallery -------------------------------------------------------------------
@@ -580,6 +594,8 @@ class LocalMatcher(BaseMethod):
         return LocalMatcher(self.info.name, self.config, vocabulary, InvertedFile.load(folder, vocabulary.words))
 
     def stored_item(self, row: int) -> LocalFeatures:
+        """The quantised keypoints of indexed row ``row`` (from the inverted file). Raises :class:`LensError`
+        before :meth:`load_state`."""
         if self.inverted is None:
             raise LensError(f"method '{self.info.name}' has no stored keypoints (load_state first)")
         return self.inverted.features(row)

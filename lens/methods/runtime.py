@@ -176,4 +176,5 @@ class Pooled(torch.nn.Module):
         self._pool = pool
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pooled features of ``(n, 3, H, W)`` float pixel values: ``(n, dim)`` float32, not normalised."""
         return self._pool(self.model(pixel_values=pixels)).float()

@@ -17,7 +17,7 @@ above when it has none. The ``finetune`` method embeds with the fine-tuned backb
 
 Both embed with the trained branch, L2-normalised (cosine). A model folder stores the trained
 tensors only (head, classifier, unfrozen blocks); the backbone is loaded from its own weights,
-which must still be the ones it was trained on. The methods load ``models/<gallery>/<kind>`` for a
+which must still be the ones it was trained on. The methods load ``models/<gallery>-<hash>/<kind>`` for a
 gallery, or any folder: ``--model siamese=PATH`` or the spec ``siamese:PATH`` (same for finetune).
 Training is :mod:`lens.training.siamese`.
 """
@@ -73,6 +73,8 @@ class BranchNet(nn.Module):
         return F.normalize(features, dim=1)
 
     def train(self, mode: bool = True) -> BranchNet:
+        """``nn.Module.train``, except that a trainable backbone copy stays in eval mode (its pretrained
+        batch-norm statistics and dropout are kept); returns the net."""
         super().train(mode)
         if self.backbone is not None:
             self.backbone.eval()  # pretrained batch-norm statistics and dropout stay as they are
@@ -80,6 +82,9 @@ class BranchNet(nn.Module):
 
 
 def load_backbone(spec: str, model: str | None = None, device: str | None = None) -> HFBackbone:
+    """The deep method ``spec`` (``resnet50``, ``vit``, ``hf:<id or path>``; ``model`` overrides its weights)
+    that a siamese or finetune branch is built on. Raises :class:`LensError` for any other method
+    (a hash, SIFT, a trained method) and :class:`ModelLoadError` when its weights cannot load."""
     options = {"device": device} if device else {}
     method = None if is_trained(spec.partition(":")[0]) else create_method(spec, model=model, **options)
     if not isinstance(method, HFBackbone):
@@ -111,6 +116,10 @@ def unfreeze_top(model: nn.Module, blocks: int) -> list[str]:
 
 
 def build_net(config: dict[str, Any], source: HFBackbone) -> BranchNet:
+    """A freshly initialised :class:`BranchNet` for a model ``config`` (as ``config.json`` stores it:
+    ``objective`` contrastive -> a ``backbone_dim`` -> ``hidden`` -> ``dim`` projection head; else a linear
+    classifier over ``classes``; ``unfreeze`` > 0 -> a trainable copy of the backbone with its top
+    ``unfreeze`` blocks unfrozen), on the backbone's device."""
     backbone = None
     if config["unfreeze"]:
         backbone = copy.deepcopy(source.model)
@@ -158,9 +167,12 @@ class BranchMethod(BaseMethod):
         )
 
     def prepare(self, image: Image.Image) -> torch.Tensor:
+        """The backbone's own preprocessing (:meth:`lens.methods.deep.HFBackbone.prepare`): ``(3, H, W)`` float32."""
         return self.source.prepare(image)
 
     def embed_prepared(self, items: Sequence[Any]) -> np.ndarray:
+        """The trained branch's output for prepared pixels: ``(n, info.dim)`` float32, L2-normalised (``dim`` for a
+        contrastive head, ``backbone_dim`` for a classification-finetuned backbone)."""
         batch = torch.stack(list(items))
         with self._lock, torch.inference_mode():
             return l2_normalise(self.net.embed(self.net.features(batch)).cpu().numpy())

@@ -54,6 +54,11 @@ _MATCH_BLOCK = 8_000_000  #: similarity-matrix entries per matrix product in rat
 
 @dataclass(frozen=True)
 class SiftConfig:
+    """The ``sift`` method's settings (spec options ``sift:words=128,...``; units in each field's comment).
+    The ratio test is Lowe's (IJCV 2004), RootSIFT Arandjelović & Zisserman's (CVPR 2012), VLAD Jégou et
+    al.'s (CVPR 2010).
+    """
+
     max_side: int = 640  #: images are shrunk to at most this many pixels on their longer side
     max_keypoints: int = 1000  #: the strongest keypoints kept per image
     words: int = 64  #: VLAD vocabulary size; vectors have words * 128 dimensions
@@ -188,6 +193,8 @@ class FeatureStore:
 
     @classmethod
     def from_features(cls, features: Sequence[Features]) -> FeatureStore:
+        """A store of ``features`` in row order: ``offsets`` (n + 1,) int64 (row i's keypoints are
+        ``offsets[i]:offsets[i + 1]``), ``xy`` (total, 2) float32, ``descriptors`` (total, 128) uint8."""
         offsets = np.zeros(len(features) + 1, np.int64)
         offsets[1:] = np.cumsum([len(f) for f in features])
         xy = np.concatenate([f.xy for f in features]) if features else np.zeros((0, 2), np.float32)
@@ -196,12 +203,16 @@ class FeatureStore:
         return cls(offsets, xy.astype(np.float32), descriptors.astype(np.uint8))
 
     def save(self, folder: Path) -> list[str]:
+        """Write the three arrays as ``.npy`` files into ``folder``; returns their names."""
         for name, array in ((OFFSETS, self.offsets), (KEYPOINTS, self.xy), (DESCRIPTORS, self.descriptors)):
             np.save(folder / name, array)
         return [OFFSETS, KEYPOINTS, DESCRIPTORS]
 
     @classmethod
     def load(cls, folder: Path) -> FeatureStore:
+        """The store saved in ``folder`` (keypoints and descriptors memory-mapped). Raises ``OSError`` /
+        ``ValueError`` for missing or damaged files (:meth:`Sift.load_state` turns them into
+        :class:`~lens.errors.CorruptIndexError`)."""
         return cls(np.load(folder / OFFSETS), np.load(folder / KEYPOINTS, mmap_mode="r"),
                    np.load(folder / DESCRIPTORS, mmap_mode="r"))
 
@@ -237,13 +248,19 @@ class Sift(BaseMethod):
 
     @property
     def candidates(self) -> int:
+        """How many index candidates :meth:`rerank` verifies by default (``candidates``, 50)."""
         return self.config.candidates
 
     # -- embedding -------------------------------------------------------------------------------
     def prepare(self, image: Image.Image) -> Features:
+        """The picture's SIFT keypoints (OpenCV): up to ``max_keypoints`` of the greyscale image shrunk to
+        ``max_side`` pixels: positions ``(n, 2)`` float32 in the shrunk image's pixels, descriptors
+        ``(n, 128)`` uint8."""
         return extract(image, self.config.max_side, self.config.max_keypoints)
 
     def embed_prepared(self, items: Sequence[Any]) -> np.ndarray:
+        """VLAD vectors of prepared keypoints: ``(n, words * 128)`` float32, L2-normalised (zeros for an image
+        without keypoints). Raises :class:`LensError` before :meth:`fit` / :meth:`load_state`."""
         if self.vocabulary is None:
             raise LensError(f"method '{self.info.name}' needs a visual vocabulary learned from a gallery: "
                             f"index one first (`lens index GALLERY --methods {self.info.name}`) and "

@@ -41,6 +41,8 @@ class TrainSettings:
     device: str | None = None  #: default: cuda when available, else cpu
 
     def checked(self) -> TrainSettings:
+        """These settings, when they make sense (returns ``self``). Raises :class:`LensError` for fewer than 1
+        epoch, a batch under 2, ``val_split`` outside [0, 1), a learning rate <= 0 or a negative ``patience``."""
         if self.epochs < 1 or self.batch_size < 2:
             raise LensError("--epochs must be at least 1 and --batch-size at least 2")
         if not 0 <= self.val_split < 1:
@@ -50,6 +52,7 @@ class TrainSettings:
         return self
 
     def torch_device(self) -> torch.device:
+        """The device to train on: ``device``, else ``cuda`` when available, else ``cpu``."""
         import torch
 
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -69,6 +72,7 @@ class Option:
 
     @property
     def cli_flag(self) -> str:
+        """The command-line flag: ``flag``, else ``--`` + ``name`` with dashes (``--image-size``)."""
         return self.flag or "--" + self.name.replace("_", "-")
 
 
@@ -84,10 +88,12 @@ class Trainer:
     options: tuple[Option, ...] = ()
 
     def accepts(self, name: str) -> bool:
+        """Whether ``train`` takes the option ``name`` (one of :attr:`options`)."""
         return any(option.name == name for option in self.options)
 
     @property
     def train(self) -> Callable[..., Any]:
+        """The training function (``function``, imported on first use); see the class docstring for its call."""
         module, _, function = self.function.partition(":")
         return getattr(importlib.import_module(module), function)
 

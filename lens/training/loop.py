@@ -61,6 +61,7 @@ class TrainingData:
     fingerprint: str = ""  #: changes when any file, size, time or label changes
 
     def files(self) -> list[Path]:
+        """The training images' files: ``root / path`` for each of ``paths``."""
         return [self.root / p for p in self.paths]
 
     def keep(self, rows: list[int]) -> None:
@@ -70,6 +71,8 @@ class TrainingData:
             self.labels = self.labels[rows]
 
     def describe(self) -> dict[str, Any]:
+        """What a model's manifest records about its data: the resolved gallery, the number of images, where the
+        labels came from, images per class, and the data fingerprint."""
         counts = Counter(self.labels.tolist()) if self.labels is not None else {}
         return {
             "gallery": str(self.root.resolve()),
@@ -199,11 +202,17 @@ class Objective(Protocol):
 
     module: torch.nn.Module  #: holds every parameter being trained (``requires_grad=True``)
 
-    def loss(self, batch: np.ndarray, rng: np.random.Generator, train: bool) -> torch.Tensor: ...
+    def loss(self, batch: np.ndarray, rng: np.random.Generator, train: bool) -> torch.Tensor:
+        """The mean loss (a 0-d float tensor) over ``batch`` ((b,) int64 example numbers); ``rng`` draws any
+        random views; ``train`` False: validation (deterministic, no augmentation)."""
 
 
 @dataclass
 class FitResult:
+    """What :func:`fit` did: the loss per epoch, the best epoch (whose weights the module now holds) and its
+    validation loss, whether patience ended the run, and its wall time in seconds.
+    """
+
     history: list[dict[str, float]]  #: per epoch: epoch, train_loss, val_loss, seconds
     best_epoch: int
     best_loss: float
