@@ -228,6 +228,9 @@ class MilvusIndex:
 
     @property
     def client(self) -> Any:
+        """The ``pymilvus.MilvusClient`` for this index's URI, shared per (uri, timeout) in the process.
+
+        Raises LensError when the server cannot be reached within the timeout (seconds)."""
         return _client(self.uri, self.timeout)
 
     def _prepare(self, vectors: np.ndarray) -> np.ndarray:
@@ -293,6 +296,13 @@ class MilvusIndex:
 
     def sync(self, keys: Sequence[str], vectors: np.ndarray, changed: Collection[str], *, gallery: str,
              method: str, facts: Mapping[str, Any]) -> None:
+        """Make the collection of (``gallery``, ``method``) hold exactly ``keys`` with ``vectors``.
+
+        ``keys``: gallery-relative image paths, one per row of ``vectors`` ((n, dim) float32, L2-normalised
+        here); ``changed``: the keys whose vectors are new or re-embedded (upserted); rows for keys no
+        longer listed are deleted. ``facts`` (model, weights, dim, metric, ...) are recorded as a collection
+        property so readers can refuse a mismatched model. Raises LensError on a server failure or when
+        the keys and vectors disagree."""
         vectors = self._prepare(vectors)
         if len(keys) != len(vectors):
             raise LensError(f"{len(keys)} image ids for {len(vectors)} vectors")
@@ -337,6 +347,10 @@ class MilvusIndex:
             raise LensError("two image ids share a Milvus primary key (a SHA-256 prefix collision)")
 
     def attach(self, keys: Sequence[str], facts: Mapping[str, Any]) -> None:
+        """Open the collection for a build whose rows are ``keys`` (gallery-relative paths, row order).
+
+        Raises CorruptIndexError when the collection is gone, IndexMismatchError when another model
+        (``facts``: weights, dim, metric) has rewritten it, LensError on a server failure."""
         recorded = self._facts()
         if recorded is None:
             raise CorruptIndexError(f"the Milvus collection '{self.collection}' is gone from '{self.uri}'; "
@@ -351,6 +365,10 @@ class MilvusIndex:
         self._ensure_loaded()
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest rows of each query ((q, dim) float32) by inner product (cosine).
+
+        Returns (ids (q, k) int64 build rows, -1 where fewer were found; similarities (q, k) float32 in
+        [0, 1]). Rows a newer build added are left out. Raises LensError on a server failure."""
         queries = self._prepare(queries)
         k = max(1, min(k, len(self), 16_384)) if len(self) else 0
         ids = np.full((len(queries), k), -1, dtype=np.int64)
@@ -369,12 +387,16 @@ class MilvusIndex:
         return ids, similarities
 
     def save(self, folder: Path) -> list[str]:
+        """Write ``milvus.json`` (URI, collection, row count) into the build ``folder``; returns its name."""
         text = json.dumps({"uri": self.uri, "collection": self.collection, "count": len(self)}, indent=2)
         (Path(folder) / FILE).write_text(text + "\n")
         return [FILE]
 
     @classmethod
     def load(cls, folder: Path, spec: str, dim: int, metric: str) -> MilvusIndex:
+        """The index a build ``folder``'s ``milvus.json`` points at (not connected until used).
+
+        Raises CorruptIndexError when that file is missing or unreadable."""
         self = cls(spec, dim, metric)
         path = Path(folder) / FILE
         try:
