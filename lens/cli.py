@@ -1,7 +1,13 @@
 """The ``lens`` command line: ``lens index``, ``search``, ``detect``, ``methods``, ``train``, ``eval``.
 
 Every command is a thin shell over the library (:class:`lens.Gallery`); errors a user can fix are
-printed as one line (``lens: error: ...``) with exit status 1, never as a traceback.
+printed as one line (``lens: error: ...``) with exit status 1, never as a traceback. ``lens search``
+takes many photos in one call (files, folders, ``-`` for paths on stdin): the model loads once and
+the photos are embedded in batches. A command imports what it uses when it runs (``lens search
+--method phash`` never imports torch), so the start-up of a call is what its method needs.
+
+Exit status: 0 done; 1 an error the user can fix (or, for ``search`` with many photos, some photos
+could not be searched); 2 a usage error (argparse); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -595,6 +601,12 @@ COMMANDS = [_index_parser, _search_parser, _detect_parser, _methods_parser, _tra
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
+    """The ``lens`` argument parser and, per command name, the handler that runs it.
+
+    A handler takes the parsed arguments and returns the exit status; it raises
+    :class:`~lens.errors.LensError` for an error the user can fix (:func:`main` prints it).
+    Building the parser imports no model library (torch, OpenCV, faiss, ...).
+    """
     from lens.version import __version__
 
     parser = argparse.ArgumentParser(prog="lens", description="lens: photo in, similar images out.")
@@ -618,6 +630,14 @@ def _os_path_output() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``lens`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status.
+
+    0: done; 1: a :class:`~lens.errors.LensError` (printed as one line, ``lens: error: ...``, on
+    stderr), or with ``lens search`` of many photos, some could not be searched (each reported, the
+    others searched); 130: interrupted (Ctrl-C). A usage error (an unknown option, a missing
+    argument) exits with status 2 through ``SystemExit``, as argparse does; so do ``--help`` and
+    ``--version`` (status 0). Results go to stdout, warnings and errors to stderr.
+    """
     _os_path_output()
     parser, handlers = build_parser()
     args = parser.parse_args(argv)
