@@ -62,8 +62,10 @@ def prepare(work: Path, gallery_size: int, queries: int) -> tuple[Path, Path, li
 
 
 def environment(lens: Path) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(lens), "HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1",
-            "YOLO_AUTOINSTALL": "0"}
+    # PYTHONSAFEPATH: `python -m lens` must not put the working directory (this repository) first on
+    # sys.path, or this checkout's lens would run whatever --lens says
+    return {**os.environ, "PYTHONPATH": str(lens), "PYTHONSAFEPATH": "1", "HF_HUB_OFFLINE": "1",
+            "YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "0"}
 
 
 def run_lens(lens: Path, args: list[str], extra: list[str] | None = None) -> subprocess.CompletedProcess:
@@ -128,8 +130,12 @@ def main() -> None:
     lens = args.lens.resolve()
     gallery, indexes, queries = prepare(args.work, args.gallery_size, args.queries)
     commit = subprocess.run(["git", "-C", str(lens), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or "(not a git checkout)"
-    print(f"lens from {lens} ({commit}); {platform.python_version()}, {os.cpu_count()} CPUs; "
+                            text=True).stdout.strip() or "not a git checkout"
+    imported = subprocess.run([sys.executable, "-c", "import lens; print(lens.__file__)"], cwd=REPO,
+                              env=environment(lens), capture_output=True, text=True).stdout.strip()
+    if not imported.startswith(str(lens)):
+        raise SystemExit(f"lens is imported from {imported}, not from {lens}")
+    print(f"lens from {imported} ({commit}); {platform.python_version()}, {os.cpu_count()} CPUs; "
           f"gallery: {args.gallery_size} Holidays photos; median of {args.repeats} runs")
     empty = statistics.median(timed_python() for _ in range(args.repeats))
     print(f"python -c pass: {empty:.2f} s")
