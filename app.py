@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -27,7 +28,7 @@ from lens import Gallery, LensError, load_image  # noqa: E402
 from lens.detect import Box, list_detectors  # noqa: E402
 from lens.draw import draw_boxes  # noqa: E402
 from lens.images import MAX_BYTES, ImageError, check_box, display_path  # noqa: E402
-from lens.methods import parse_models  # noqa: E402
+from lens.methods import parse_models, short_name  # noqa: E402
 from lens.samples import write_sample_gallery  # noqa: E402
 from lens.search import AUTO, TEXT_WEIGHT  # noqa: E402
 from lens.service import LensService, Outcome  # noqa: E402
@@ -37,20 +38,61 @@ HERE = Path(__file__).resolve().parent
 EXAMPLES = sorted(str(p) for p in (HERE / "examples").glob("*.jpg"))
 DEFAULT_METHODS = "vit,resnet50,local,sift,phash"
 WHOLE = "Whole image"
+REGION = "✎ "  #: the Subject choice of the user's own region starts with this
+PICK = "Click: a box, or the area around the click"
+DRAW = "Draw: click two opposite corners"
+HINT = (f"Click a box to search it, or anywhere else to search the area around the click. "
+        f"To mark a region yourself choose **{DRAW.split(':')[0]}**, or type its corners under *Region in pixels*.")
 CSS = """
 #lens-view img { cursor: crosshair; }
 .lens-note { color: var(--body-text-color-subdued); font-size: 0.9em; }
+/* result grids: as many columns as fit (never a fixed 4 or 8 that overflow a phone), captions in full */
+.lens-grid .grid-container { grid-template-columns: repeat(auto-fill, minmax(min(100%, 128px), 1fr)) !important;
+                             grid-template-rows: none !important; grid-auto-rows: auto !important; }
+.lens-grid .thumbnail-item { height: auto !important; }
+.lens-grid .caption-label { white-space: normal !important; overflow-wrap: anywhere; max-width: 100% !important;
+                            left: 0; opacity: 0.92 !important; font-size: 0.78em; line-height: 1.25; }
+#lens-compare { max-width: 100%; overflow-x: auto; }
+#lens-compare table { table-layout: auto; }
+.lens-grid .grid-wrap { height: auto !important; min-height: 0 !important; max-height: none !important;
+                        overflow: visible !important; }
+.lens-grid { height: auto !important; max-height: none !important; }
+#lens-exact:not(:has(img)) { display: none; }  /* no exact match: no empty row */
+/* the photo as tall as it is shown (no empty bands in a narrow column), so results start sooner */
+#lens-view, #lens-view .image-container, #lens-view button, #lens-view .image-frame { height: auto !important; }
+#lens-view img { max-height: 420px; }
+@media (max-width: 640px) { #lens-view img { max-height: 360px; } }
 """
 
 
 # -- small translations between the library and the widgets -----------------------------------------
-def _choices(boxes: Sequence[Box]) -> list[str]:
-    return [WHOLE] + [f"{i + 1} · {box.label} ({box.score:.2f})" for i, box in enumerate(boxes)]
+def _choices(boxes: Sequence[Box], region: Box | None = None) -> list[str]:
+    mine = [_region_choice(region)] if region is not None else []
+    return [WHOLE] + [f"{i + 1} · {box.label} ({box.score:.2f})" for i, box in enumerate(boxes)] + mine
+
+
+def _region_choice(region: Box) -> str:
+    return f"{REGION}{region.label}: {_corners(region)}"
+
+
+def _corners(box: Box) -> str:
+    return ", ".join(f"{v:.0f}" for v in box.xyxy)
+
+
+def _subject(boxes: Sequence[Box], region: Box | None, subject: str | None) -> tuple[Box | None, int | None]:
+    """The box a Subject choice names, and its position in ``boxes`` (None: the user's region or the
+    whole image)."""
+    if region is not None and subject == _region_choice(region):
+        return region, None
+    choices = _choices(boxes)
+    if subject in choices and subject != WHOLE:
+        i = choices.index(subject) - 1
+        return boxes[i], i
+    return None, None
 
 
 def _selected(boxes: Sequence[Box], subject: str | None) -> int | None:
-    choices = _choices(boxes)
-    return choices.index(subject) - 1 if subject in choices and subject != WHOLE else None
+    return _subject(boxes, None, subject)[1]
 
 
 def _name(path: str) -> str:
@@ -73,13 +115,31 @@ def _box_from(value: Any) -> Box | None:
     return box
 
 
+def _method_choices(specs: Sequence[str]) -> list[tuple[str, str]]:
+    """The method menu: short names shown (``efficientnet_lite0.in1k``), full specs as the values."""
+    return [(short_name(spec), spec) for spec in specs]
+
+
 STATUS_ICONS = {"ready": "●", "queued": "○", "building": "◐", "failed": "✕", "missing": "–"}
 
 
 def status_markdown(service: LensService) -> str:
-    """Each method's state as a Markdown list, for the status panel."""
-    return "\n".join(f"- {STATUS_ICONS[s.status]} **{s.name}**: {s.status}" + (f" ({s.detail})" if s.detail else "")
-                     for s in service.states())
+    """Each method's state as a Markdown list, for the status panel: one line each, a failure's
+    details folded away, the full spec beside a shortened name."""
+    lines = []
+    for s in service.states():
+        name = short_name(s.name)
+        spec = f" <span class='lens-note'>{s.name}</span>" if name != s.name else ""
+        head = f"- {STATUS_ICONS[s.status]} **{name}**{spec}: {s.status}"
+        detail = s.detail.strip()
+        if s.status == "failed" and detail:
+            first = detail.splitlines()[0]
+            first = first if len(first) <= 100 else first[:99] + "…"
+            lines.append(f"{head} ({first})" + (f"<details><summary>details</summary>\n\n```\n{detail}\n```\n</details>"
+                                              if detail != first else ""))
+        else:
+            lines.append(head + (f" ({detail})" if detail else ""))
+    return "\n".join(lines)
 
 
 def readable(fn: Callable) -> Callable:
@@ -129,102 +189,209 @@ class Handlers:
 
     def __init__(self, service: LensService):
         self.service = service
+        self._lock = threading.Lock()
+        self._last_upload: dict[str, str | None] = {}  # page (session) -> the upload it last handled
 
     def caption(self, results: Sequence[SearchResult]) -> list[tuple[str, str]]:
+        """Gallery items: (thumbnail, ``#rank · score · path relative to the gallery``)."""
         items = []
         for r in results:
             mark = "exact · " if r.match == "exact" else ""
             try:
-                items.append((str(self.service.thumbnail(r)), f"#{r.rank} · {mark}{r.score_text} · {_name(r.path)}"))
+                items.append((str(self.service.thumbnail(r)),
+                              f"#{r.rank} · {mark}{r.score_text} · {display_path(r.path)}"))
             except (LensError, OSError) as exc:
-                gr.Warning(f"cannot show {display_path(r.path)}: {exc}")
+                gr.Warning(f"cannot show {display_path(r.path)}: {exc}", duration=8)
         return items
+
+    def _view(self, image: Image.Image, boxes: Sequence[Box], region: Box | None, subject: str | None,
+              corner: Sequence[float] | None = None) -> Image.Image:
+        box, selected = _subject(boxes, region, subject)
+        return draw_boxes(image, boxes, selected, region=box if box is not None and selected is None else None,
+                          marker=tuple(corner) if corner else None)
 
     # -- UI events (private: the page's own) ------------------------------------------------------------
     @readable
     def on_photo(self, photo: Image.Image | str | None, detector: str, threshold: float):
+        """A new photo (or detector settings): (photo, boxes, region, corner, Subject, view, hint)."""
+        empty = (None, [], None, None, gr.update(choices=[WHOLE], value=WHOLE), None, HINT)
         if photo is None:
-            return None, [], gr.update(choices=[WHOLE], value=WHOLE), None
+            return empty
         try:
             image = _load(photo)
         except ImageError as exc:  # clear the previous photo's boxes and results: they would look like answers
-            gr.Warning(str(exc), title="Cannot use this photo")
-            return None, [], gr.update(choices=[WHOLE], value=WHOLE), None
+            gr.Warning(str(exc), title="Cannot use this photo", duration=8)
+            return empty
         boxes: list[Box] = []
+        found = ""
         try:
             boxes = self.service.detect(image, detector, threshold)
-        except LensError as exc:
-            gr.Warning(f"Detector unavailable ({exc}); searching the whole image.")
+        except LensError as exc:  # said beside the photo, not in a toast over the results
+            found = f"The detector is unavailable ({exc}). "
         if not boxes:
-            gr.Info("No objects found: searching the whole image.")
+            found += "No objects found: searching the whole image. "
+        else:
+            found = f"{len(boxes)} object{'s' if len(boxes) > 1 else ''} found. "
         main = self.service.main_subject_index(boxes, image.size)
         subject = _choices(boxes)[main + 1] if main is not None else WHOLE
-        return image, boxes, gr.update(choices=_choices(boxes), value=subject), draw_boxes(image, boxes, main)
+        return (image, boxes, None, None, gr.update(choices=_choices(boxes), value=subject),
+                draw_boxes(image, boxes, main), found + HINT)
 
-    def on_click(self, boxes: list[Box], subject: str, event: gr.SelectData):
-        x, y = event.index
-        hit = self.service.box_at(boxes, x, y)
-        return _choices(boxes)[hit + 1] if hit is not None else WHOLE
+    def on_upload(self, photo: Image.Image | str | None, detector: str, threshold: float, request: gr.Request):
+        """:meth:`on_photo` for the upload widget, once per file and page: replacing a photo fires the
+        widget's change event twice with the same file (Gradio 6), which showed each warning twice."""
+        page = getattr(request, "session_hash", None) or ""
+        with self._lock:
+            repeated = isinstance(photo, str) and self._last_upload.get(page) == photo
+            self._last_upload[page] = photo if isinstance(photo, str) else None
+            while len(self._last_upload) > 1000:  # pages long closed
+                self._last_upload.pop(next(iter(self._last_upload)))
+        if repeated:  # an error nobody sees: the search chained after this event does not run again
+            raise gr.Error("the same upload again", visible=False, print_exception=False)
+        return self.on_photo(photo, detector, threshold)
+
+    def on_click(self, image: Image.Image | None, boxes: list[Box], region: Box | None,
+                 corner: list[float] | None, tool: str, subject: str, event: gr.SelectData):
+        """A click on the photo: (region, corner, Subject, view, hint). Picks a box or the area around
+        the click; in Draw mode, the first click sets a corner and the second the opposite one."""
+        if image is None:
+            return region, None, gr.skip(), gr.skip(), gr.skip()
+        x, y = (float(v) for v in event.index)
+        if tool == DRAW:
+            if corner is None:
+                return (region, [x, y], gr.skip(), self._view(image, boxes, region, subject, [x, y]),
+                        f"First corner at ({x:.0f}, {y:.0f}): now click the opposite corner.")
+            region = self.service.region((corner[0], corner[1], x, y), image.size)
+            choice = _region_choice(region)
+            return (region, None, gr.update(choices=_choices(boxes, region), value=choice), gr.skip(),
+                    f"Your region {_corners(region)} is searched. Click two corners again to draw another.")
+        hit, box = self.service.subject_at(boxes, x, y, image.size)
+        if hit is not None:
+            return region, None, gr.update(choices=_choices(boxes, region), value=_choices(boxes)[hit + 1]), gr.skip(), HINT
+        choice = _region_choice(box)
+        return (box, None, gr.update(choices=_choices(boxes, box), value=choice), gr.skip(),
+                f"No detected object at ({x:.0f}, {y:.0f}): searching the region around the click "
+                f"({_corners(box)}). Adjust it under *Region in pixels*, or choose Draw.")
 
     @readable
-    def on_search(self, image: Image.Image | None, boxes: list[Box], subject: str, method: str | None, k: int,
-                  text: str | None = "", text_weight: float = TEXT_WEIGHT):
+    def on_region(self, image: Image.Image | None, boxes: list[Box], text: str):
+        """Corners typed as ``x1, y1, x2, y2``: (region, corner, Subject, hint)."""
+        if image is None:
+            raise LensError("Upload a photo first.")
+        try:
+            corners = Box.of((text or "").replace(",", " ").split())
+        except ValueError:
+            raise LensError(f"a region is four numbers x1, y1, x2, y2 in pixels, got '{text}'") from None
+        region = self.service.region(corners, image.size)
+        return (region, None, gr.update(choices=_choices(boxes, region), value=_region_choice(region)),
+                f"Your region {_corners(region)} is searched.")
+
+    def after_click(self, corner: list[float] | None, *search: Any):
+        """The search after a click, unless the click was a region's first corner."""
+        if corner is not None:
+            return tuple(gr.skip() for _ in range(8))
+        return self.on_search(*search)
+
+    @readable
+    def on_search(self, image: Image.Image | None, boxes: list[Box], region: Box | None, subject: str,
+                  method: str | None, k: float | int, text: str | None = "", text_weight: float = TEXT_WEIGHT):
+        """(view, searched crop, exact matches, similar, note, results shown, region corners, opened)."""
         text = (text or "").strip()
+        closed = gr.update(visible=False)
         if image is None and not text:
-            return None, None, [], [], "Upload a photo or pick an example to start (or type words to search for)."
+            return None, None, [], [], "Upload a photo or pick an example to start (or type words to search for).", [], "", closed
+        k = self.service.check_k(k)
         if image is None:  # words alone
             if not method:
-                return None, None, [], [], "No method is ready yet: see the status below."
+                return None, None, [], [], "No method is ready yet: see the status below.", [], "", closed
             try:
-                outcome = self.service.search_subject(None, method, int(k), text=text, text_weight=text_weight)
+                outcome = self.service.search_subject(None, method, k, text=text, text_weight=text_weight)
             except LensError as exc:  # e.g. no indexed method reads words: say so where results go
-                return None, None, [], [], f"Words alone cannot be searched here: {exc}"
-            return None, None, [], self.caption(outcome.results), _note(outcome, f"“{text}”")
-        selected = _selected(boxes, subject)
-        box = boxes[selected] if selected is not None else None
-        view = draw_boxes(image, boxes, selected)
+                return None, None, [], [], f"Words alone cannot be searched here: {exc}", [], "", closed
+            return (None, None, [], self.caption(outcome.results), _note(outcome, f"“{text}”"),
+                    _found(outcome.results), "", closed)
+        box, selected = _subject(boxes, region, subject)
+        view = self._view(image, boxes, region, subject)
         crop = self.service.subject_image(image, box)  # the one crop: shown, and searched
+        corners = _corners(box) if box is not None else ""
         if not method:
-            return view, crop, [], [], "No method is ready yet: see the status below."
+            return view, crop, [], [], "No method is ready yet: see the status below.", [], corners, closed
         if method in (AUTO, "local") and not text:  # the whole photo, the box focusing: exact matches need every keypoint
-            outcome = self.service.search(image, method, int(k), box)
+            outcome = self.service.search(image, method, k, box)
         else:
             try:
-                outcome = self.service.search_subject(crop, method, int(k), text=text or None,
-                                                      text_weight=text_weight)
+                outcome = self.service.search_subject(crop, method, k, text=text or None, text_weight=text_weight)
             except LensError as exc:
                 if not text:
                     raise
                 # the words cannot be used (no method reads them): the photo's results, and why
-                *shown, note = self.on_search(image, boxes, subject, method, k)
-                return (*shown, f"{note}. The words were left out: {exc}")
+                *shown, note, found, corners, opened = self.on_search(image, boxes, region, subject, method, k)
+                return (*shown, f"{note}. The words were left out: {exc}", found, corners, opened)
         exact = [r for r in outcome.results if r.match == "exact"]
         similar = [r for r in outcome.results if r.match != "exact"]
-        what = f"*{box.label if box is not None else 'the whole image'}*" + (f" + “{text}”" if text else "")
-        return view, crop, self.caption(exact), self.caption(similar), _note(outcome, what)
+        name = box.label if box is not None else "the whole image"
+        what = f"*{name}*" + (f" ({corners})" if box is not None and selected is None else "")
+        what += f" + “{text}”" if text else ""
+        return (view, crop, self.caption(exact), self.caption(similar), _note(outcome, what),
+                _found(exact) + _found(similar), corners, closed)
+
+    def on_open_exact(self, found: list[dict], event: gr.SelectData):
+        return self.on_open(found, event.index)
+
+    def on_open_similar(self, found: list[dict], event: gr.SelectData):
+        return self.on_open(found, sum(f["match"] == "exact" for f in found) + event.index)
+
+    def on_open(self, found: list[dict], at: int):
+        """The result at position ``at`` of those shown: (the panel shown, the original picture, its
+        download, its rank, score and path relative to the gallery)."""
+        if not (0 <= at < len(found)):
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        shown = found[at]
+        result = SearchResult(path=shown["path"], score=shown["score"], rank=shown["rank"], file=Path(shown["file"]),
+                              kind=shown["kind"], match=shown["match"])
+        try:
+            original = str(self.service.original(result))
+        except LensError as exc:
+            raise gr.Error(str(exc)) from None
+        caption = (f"**#{result.rank}** · score {result.score_text} ({SCORE_LABELS.get(result.kind, result.kind)})  \n"
+                   f"`{display_path(result.path)}`")
+        return (gr.update(visible=True), gr.update(value=original, label=_name(result.path)),
+                gr.update(value=original, label=f"Download {_name(result.path)}"), caption)
 
     @readable
-    def on_compare(self, image: Image.Image | None, boxes: list[Box], subject: str, k: int):
+    def on_compare(self, image: Image.Image | None, boxes: list[Box], region: Box | None, subject: str, k: float):
         if image is None:
             raise gr.Error("Upload a photo first.")
-        selected = _selected(boxes, subject)
-        outcomes = {o.method: o for o in self.service.compare(image, int(k), boxes[selected] if selected is not None else None)}
-        rows = [[o.method, round(o.seconds * 1000, 1), _name(o.results[0].path) if o.results else "",
-                 o.results[0].score_text if o.results else "", o.error or ""] for o in outcomes.values()]
+        box, _ = _subject(boxes, region, subject)
+        outcomes = {o.method: o for o in self.service.compare(image, self.service.check_k(k), box)}
+        rows = [[short_name(o.method), round(o.seconds * 1000), _name(o.results[0].path) if o.results else "",
+                 o.results[0].score_text if o.results else "", (o.error or "").splitlines()[0] if o.error else ""]
+                for o in outcomes.values()]
         galleries = [gr.update(value=self.caption(outcomes[m].results) if m in outcomes else [],
-                               label=f"{m}: {outcomes[m].seconds * 1000:.0f} ms" if m in outcomes else f"{m}: not ready")
+                               label=f"{short_name(m)}: {outcomes[m].seconds * 1000:.0f} ms" if m in outcomes
+                               else f"{short_name(m)}: not ready")
                      for m in self.service.methods]
         return [rows, *galleries]
 
-    def on_status(self):
+    def on_method(self, method: str | None):
+        """The method menu's note: the chosen method's full spec (the menu shows short names)."""
+        return gr.update(info=f"{method}" if method and short_name(method) != method
+                         else "Only methods with a ready index are listed.")
+
+    def on_status(self, current: str | None = None):
         ready = self.service.search_choices()
         building = any(s.status in ("queued", "building") for s in self.service.states())
-        return status_markdown(self.service), gr.update(choices=ready), gr.Timer(active=building)
+        size = self.service.gallery_size()
+        value = current if current in ready else (ready[0] if ready else None)  # the first ready, once one is
+        return (status_markdown(self.service), gr.update(choices=_method_choices(ready), value=value),
+                gr.update(maximum=size or None), gr.Timer(active=building))
 
     def on_load(self, current: str | None):
         ready = self.service.search_choices()
         value = current if current in ready else (ready[0] if ready else None)
-        return gr.update(choices=ready, value=value), status_markdown(self.service)
+        size = self.service.gallery_size()
+        return (gr.update(choices=_method_choices(ready), value=value), status_markdown(self.service),
+                gr.update(maximum=size or None))
 
     # -- API endpoints (stateless, JSON; used by gradio_client and scripts) ----------------------------
     @readable
@@ -242,89 +409,131 @@ class Handlers:
     def api_search(self, image: gr.FileData | None, method: str, k: int = 10, box: list[float] | None = None,
                    text: str = "", text_weight: float = TEXT_WEIGHT) -> dict:
         """``image`` (optional with ``text``) and/or ``text``: words to search for, or to refine the
-        photo with (a method that reads text: clip, siglip); ``text_weight``: the words' share, 0-1."""
+        photo with (a method that reads text: clip, siglip); ``text_weight``: the words' share, 0-1.
+        ``box``: any region [x1, y1, x2, y2] in pixels (a detected box or one of your own)."""
         picture = _load(image) if image is not None else None
-        outcome = self.service.search(picture, method, int(k), _box_from(box), text=text, text_weight=text_weight)
+        outcome = self.service.search(picture, method, self.service.check_k(k), _box_from(box), text=text,
+                                      text_weight=text_weight)
         return _outcome_json(outcome)
 
     @readable
     def api_compare(self, image: gr.FileData, k: int = 5, box: list[float] | None = None) -> list[dict]:
-        return [_outcome_json(o) for o in self.service.compare(_load(image), int(k), _box_from(box))]
+        return [_outcome_json(o) for o in self.service.compare(_load(image), self.service.check_k(k), _box_from(box))]
 
     def api_methods(self) -> list[dict]:
         return [{"name": s.name, "status": s.status, "detail": s.detail} for s in self.service.states()]
 
 
-def build_app(service: LensService) -> gr.Blocks:
-    """The page for ``service``: layout, then events wired to :class:`Handlers`, then the JSON API."""
+def _found(results: Sequence[SearchResult]) -> list[dict]:
+    """What a results grid shows, kept to open a result later (JSON-ready)."""
+    return [{"path": r.path, "file": str(r.file), "score": r.score, "rank": r.rank, "kind": r.kind, "match": r.match}
+            for r in results]
+
+
+def build_app(service: LensService, examples: Sequence[str] | None = None) -> gr.Blocks:
+    """The page for ``service``: layout, then events wired to :class:`Handlers`, then the JSON API.
+    ``examples``: photos offered to try (default: lens's own example photos)."""
     gallery, on = service.gallery, Handlers(service)
+    examples = list(examples) if examples is not None else EXAMPLES
+    size = service.gallery_size()
 
     # -- layout ------------------------------------------------------------------------------------
     with gr.Blocks(title="lens: find similar images") as demo:
         gr.Markdown(
-            f"# lens\nUpload a photo, **click the object** you are interested in (or keep the whole "
-            f"image), and find the most similar pictures in the gallery **{gallery.name}**."
+            f"# lens\nUpload a photo, **click the object** you are interested in (or any area, or draw a "
+            f"region), and find the most similar pictures in the gallery **{gallery.name}**."
         )
         original = gr.State(None)
         boxes = gr.State([])
+        region = gr.State(None)
+        corner = gr.State(None)
+        found = gr.State([])
         with gr.Row(equal_height=False):
-            with gr.Column(scale=5):
+            with gr.Column(scale=5, min_width=300):
                 upload = photo_input(label="Your photo", type="pil", sources=["upload", "clipboard", "webcam"],
                                   height=200, elem_id="lens-upload")
                 with gr.Row():
-                    words = gr.Textbox(label="Add to your search", elem_id="lens-text", scale=3,
+                    words = gr.Textbox(label="Add to your search", elem_id="lens-text", scale=3, min_width=200,
                                        placeholder="“in red” with the photo, or words alone: “a red dress”",
                                        info="Words need a method that reads text (clip, siglip); press Enter.")
                     text_weight = gr.Slider(0.0, 1.0, value=TEXT_WEIGHT, step=0.05, label="Weight of the words",
-                                            elem_id="lens-text-weight", scale=2,
+                                            elem_id="lens-text-weight", scale=2, min_width=160,
                                             info="With a photo: 0 = the photo only, 1 = the words only.")
-                view = gr.Image(label="Click a box to choose the subject", interactive=False,
+                tool = gr.Radio([PICK, DRAW], value=PICK, label="On the photo", elem_id="lens-tool")
+                view = gr.Image(show_label=False, interactive=False,  # no label badge over the boxes' tags
                                 elem_id="lens-view", height=420, buttons=["fullscreen"])
+                hint = gr.Markdown(HINT, elem_id="lens-hint", elem_classes="lens-note")
                 subject = gr.Radio([WHOLE], value=WHOLE, label="Subject", elem_id="lens-subject")
+                with gr.Accordion("Region in pixels", open=False):
+                    corners = gr.Textbox(label="x1, y1, x2, y2", elem_id="lens-corners",
+                                         info="The searched region's corners: edit them and press Enter.")
                 with gr.Accordion("Detector", open=False):
                     detector = gr.Dropdown(list_detectors(), value=service.detector, label="Detector")
                     threshold = gr.Slider(0.05, 0.95, value=0.25, step=0.05, label="Score threshold")
-                if EXAMPLES:
-                    gr.Examples(EXAMPLES, inputs=upload, label="Examples")
-            with gr.Column(scale=7):
+                if examples:
+                    gr.Examples(examples, inputs=upload, label="Examples", examples_per_page=8)
+            with gr.Column(scale=7, min_width=300):
                 with gr.Tab("Search"):
                     with gr.Row():
-                        method = gr.Dropdown(service.search_choices(), label="Method", elem_id="lens-method",
+                        method = gr.Dropdown(_method_choices(service.search_choices()), label="Method",
+                                             elem_id="lens-method", scale=3, min_width=160,
                                              info="Only methods with a ready index are listed.")
-                        k = gr.Slider(1, 30, value=8, step=1, label="Results (k)")
+                        k = gr.Number(8, minimum=1, maximum=size or None, precision=0, step=1, label="Results (k)",
+                                      elem_id="lens-k", scale=1, min_width=100, info="1 to the gallery's size; Enter")
                     crop = gr.Image(label="Searching for", interactive=False, height=160)
                     info = gr.Markdown("Upload a photo or pick an example to start.", elem_id="lens-info")
+                    with gr.Group(visible=False, elem_id="lens-opened") as opened:
+                        opened_image = gr.Image(interactive=False, height=320, buttons=["download", "fullscreen"],
+                                                elem_id="lens-opened-image")
+                        opened_note = gr.Markdown(elem_id="lens-opened-note")
+                        download = gr.DownloadButton("Download the original", elem_id="lens-download", size="sm")
                     exact = gr.Gallery(label="Exact matches (the matched outline drawn)", columns=4, height="auto",
-                                       elem_id="lens-exact")
-                    results = gr.Gallery(label="Visually similar", columns=4, height="auto", elem_id="lens-results")
-                with gr.Tab("Compare methods"):
-                    compare_button = gr.Button("Compare every ready method", variant="primary")
-                    table = gr.Dataframe(headers=["method", "latency (ms)", "top result", "top score", "error"],
-                                         interactive=False, elem_id="lens-compare")
-                    compare_galleries = [gr.Gallery(label=m, columns=8, height=160, preview=False)
+                                       elem_id="lens-exact", elem_classes="lens-grid", allow_preview=False)
+                    results = gr.Gallery(label="Visually similar (click one to open it)", columns=4, height="auto",
+                                         elem_id="lens-results", elem_classes="lens-grid", allow_preview=False)
+                with gr.Tab("Compare methods", elem_id="lens-compare-tab"):
+                    compare_button = gr.Button("Compare every ready method", variant="primary",
+                                               elem_id="lens-compare-button")
+                    table = gr.Dataframe(headers=["method", "ms", "top result", "top score", "error"],
+                                         interactive=False, wrap=True, elem_id="lens-compare",
+                                         column_widths=["28%", "12%", "28%", "14%", "18%"])
+                    compare_galleries = [gr.Gallery(label=short_name(m), columns=8, height="auto", preview=False,
+                                                    allow_preview=False, elem_classes="lens-grid")
                                          for m in service.methods]
                 with gr.Accordion("Methods and indexes", open=True):
                     status = gr.Markdown(status_markdown(service), elem_id="lens-status")
         timer = gr.Timer(2.0)
 
-        search_inputs = [original, boxes, subject, method, k, words, text_weight]
-        search_outputs = [view, crop, exact, results, info]
+        search_inputs = [original, boxes, region, subject, method, k, words, text_weight]
+        search_outputs = [view, crop, exact, results, info, found, corners, opened]
+        photo_outputs = [original, boxes, region, corner, subject, view, hint]
         quiet: dict[str, Any] = {"api_visibility": "private"}
-        upload.change(on.on_photo, [upload, detector, threshold], [original, boxes, subject, view],
-                      concurrency_limit=2, **quiet
-                      ).then(on.on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)
+        # a new photo: the previous photo's toasts go (they would be stale)
+        upload.change(None, js="() => document.querySelectorAll('.toast-close').forEach(b => b.click())", **quiet)
+        upload.change(on.on_upload, [upload, detector, threshold], photo_outputs, concurrency_limit=2, **quiet
+                      ).success(on.on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)
         for trigger in (detector.change, threshold.release):
-            trigger(on.on_photo, [original, detector, threshold], [original, boxes, subject, view],
-                    concurrency_limit=2, **quiet
+            trigger(on.on_photo, [original, detector, threshold], photo_outputs, concurrency_limit=2, **quiet
                     ).then(on.on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)
-        view.select(on.on_click, [boxes, subject], subject, **quiet
-                    ).then(on.on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)
-        for trigger in (subject.input, method.change, k.release, words.submit, text_weight.release):
+        # no full overlay on the photo while a click is handled: the next click (a region's second
+        # corner) must reach it
+        view.select(on.on_click, [original, boxes, region, corner, tool, subject], [region, corner, subject, view, hint],
+                    show_progress="minimal", **quiet
+                    ).then(on.after_click, [corner, *search_inputs], search_outputs, concurrency_limit=4,
+                           show_progress="minimal", **quiet)
+        corners.submit(on.on_region, [original, boxes, corners], [region, corner, subject, hint], **quiet
+                       ).success(on.on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)
+        tool.change(lambda: None, None, corner, **quiet)  # a half-drawn region is dropped
+        for trigger in (subject.input, method.change, k.submit, words.submit, text_weight.release):
             trigger(on.on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)
-        compare_button.click(on.on_compare, [original, boxes, subject, k], [table, *compare_galleries],
+        method.change(on.on_method, method, method, **quiet)
+        open_outputs = [opened, opened_image, download, opened_note]
+        exact.select(on.on_open_exact, found, open_outputs, **quiet)
+        results.select(on.on_open_similar, found, open_outputs, **quiet)
+        compare_button.click(on.on_compare, [original, boxes, region, subject, k], [table, *compare_galleries],
                              concurrency_limit=2, **quiet)
-        timer.tick(on.on_status, None, [status, method, timer], **quiet)
-        demo.load(on.on_load, method, [method, status], **quiet)
+        timer.tick(on.on_status, method, [status, method, k, timer], **quiet)
+        demo.load(on.on_load, method, [method, status, k], **quiet)
 
         gr.api(on.api_detect, api_name="detect", concurrency_limit=2)
         gr.api(on.api_pick, api_name="pick")
@@ -339,9 +548,13 @@ def _note(outcome: Outcome, what: str) -> str:
     """One search's summary for people: method, counts (exact / similar), what was searched, time and
     what each kind of score means."""
     exact = sum(r.match == "exact" for r in outcome.results)
-    found = f"{exact} exact, {len(outcome.results) - exact} similar" if exact else f"{len(outcome.results)} results"
+    similar = len(outcome.results) - exact
+    # an exact match is the same item seen anywhere in the photo (outlined in its picture), not
+    # necessarily the chosen subject: say which count is about the subject
+    found = (f"{exact} exact match{'es' if exact > 1 else ''} in the photo (outlined), {similar} similar to {what}"
+             if exact else f"{len(outcome.results)} results for {what}")
     kinds = list(dict.fromkeys(r.kind for r in outcome.results)) or ["cosine"]
-    return (f"**{outcome.method}**: {found} for {what} in {outcome.seconds * 1000:.0f} ms "
+    return (f"**{short_name(outcome.method)}**: {found} in {outcome.seconds * 1000:.0f} ms "
             f"(score: {'; '.join(SCORE_LABELS.get(kind, kind) for kind in kinds)})")
 
 
@@ -390,10 +603,14 @@ def create_service(args: argparse.Namespace) -> LensService:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     service = create_service(args)
-    demo = build_app(service)
+    # with --gallery, photos of that gallery to try (lens's own examples show whatever the gallery is)
+    examples = [str(p) for p in service.example_photos()] if args.gallery else None
+    demo = build_app(service, examples)
     demo.launch(
         server_name=args.host, server_port=args.port, css=CSS, theme=gr.themes.Soft(),
-        allowed_paths=[str(service.thumbnail_dir.resolve())], max_file_size=MAX_BYTES,
+        # thumbnails, and the gallery's own files: a result is opened or downloaded as it is
+        allowed_paths=[str(service.thumbnail_dir.resolve()), str(service.gallery.root.resolve())],
+        max_file_size=MAX_BYTES,
     )
 
 

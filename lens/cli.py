@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from lens.errors import LensError
@@ -85,16 +86,21 @@ def _run_index(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise LensError("--methods is empty")
+    started = time.perf_counter()
     with logging_redirect_tqdm():
         reports = gallery.index(methods, index_spec=args.index_spec, batch_size=args.batch_size,
                                 workers=args.workers, progress=not args.quiet)
+    waited = time.perf_counter() - started
     for report in reports:
-        speed = f", {report.images_per_second:.1f} img/s" if report.embedded else ""
+        # the rate of the time shown (scan, fit, decode, embed, write), not of the embedding step alone
+        speed = f", {report.embedded / report.seconds:.1f} img/s" if report.embedded and report.seconds > 0 else ""
         print(f"{report.method}: {report.count} images indexed ({report.embedded} embedded, "
               f"{report.reused} reused, {len(report.skipped)} skipped) in {report.seconds:.1f} s"
               f"{speed} -> {report.folder.parent}")
         for path, why in report.skipped:
             print(f"  skipped {path}: {why}")
+    if len(reports) > 1 or reports and waited > reports[0].seconds + 1:
+        print(f"done in {waited:.1f} s (models loaded, images scanned, embedded and written)")
     return 0
 
 

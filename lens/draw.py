@@ -17,11 +17,14 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def draw_boxes(image: Image.Image, boxes: Sequence[Any], selected: int | None = None) -> Image.Image:
+def draw_boxes(image: Image.Image, boxes: Sequence[Any], selected: int | None = None, *,
+               region: Any | None = None, marker: tuple[float, float] | None = None) -> Image.Image:
     """A copy of ``image`` with each box outlined and tagged ``N label score``.
 
     ``boxes`` are objects with x1, y1, x2, y2, label, score; box N is drawn with number N+1.
-    The ``selected`` box is drawn thicker and the others are dimmed.
+    The ``selected`` box is drawn thicker and the others are dimmed. ``region`` (a region the user
+    drew or clicked around, same attributes) is drawn last, white on black, tagged with its label,
+    every box dimmed; ``marker`` (x, y) pixels: a cross where the user set a region's first corner.
     """
     canvas = image.convert("RGB").copy()
     width, height = canvas.size
@@ -33,7 +36,7 @@ def draw_boxes(image: Image.Image, boxes: Sequence[Any], selected: int | None = 
         box = boxes[i]
         colour = PALETTE[i % len(PALETTE)]
         thick = line * 2 if i == selected else line
-        if selected is not None and i != selected:
+        if (selected is not None and i != selected) or region is not None:
             thick = max(1, line // 2)
         overlay.rectangle((box.x1, box.y1, box.x2, box.y2), outline=colour, width=thick)
         tag = f"{i + 1} {box.label} {box.score:.2f}"
@@ -43,6 +46,22 @@ def draw_boxes(image: Image.Image, boxes: Sequence[Any], selected: int | None = 
         y = box.y1 - tag_h if box.y1 - tag_h >= 0 else box.y1
         overlay.rectangle((x, y, x + tag_w, y + tag_h), fill=colour)
         overlay.text((x + 3 - left, y + 3 - top), tag, fill="white", font=font)
+    if region is not None:
+        corners = (region.x1, region.y1, region.x2, region.y2)
+        overlay.rectangle(corners, outline="black", width=line * 3)
+        overlay.rectangle(corners, outline="white", width=line)
+        left, top, right, bottom = overlay.textbbox((0, 0), region.label, font=font)
+        tag_w, tag_h = right - left + 6, bottom - top + 6
+        x = min(max(0, region.x1), max(0, width - tag_w))
+        y = region.y1 - tag_h if region.y1 - tag_h >= 0 else region.y1
+        overlay.rectangle((x, y, x + tag_w, y + tag_h), fill="black")
+        overlay.text((x + 3 - left, y + 3 - top), region.label, fill="white", font=font)
+    if marker is not None:
+        mx, my = marker
+        arm = line * 6
+        for colour, width_ in (("black", line * 3), ("white", line)):
+            overlay.line((mx - arm, my, mx + arm, my), fill=colour, width=width_)
+            overlay.line((mx, my - arm, mx, my + arm), fill=colour, width=width_)
     return canvas
 
 

@@ -107,8 +107,8 @@ def embed_files(
                 if keep_prepared:
                     kept.extend(items)
             bar.update(len(batch))
-            if on_progress is not None:
-                on_progress(bar.n, len(paths))
+            if on_progress is not None:  # not bar.n: a disabled bar (progress=False) never counts
+                on_progress(len(done) + len(skipped), len(paths))
     if chunks:
         vectors = np.concatenate(chunks)
     else:

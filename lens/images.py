@@ -318,6 +318,63 @@ def expand_box(
     return (max(0.0, x1 - dx), max(0.0, y1 - dy), min(float(width), x2 + dx), min(float(height), y2 + dy))
 
 
+#: A click outside every detected box searches a square this share of the picture's shorter side,
+#: centred on the click (about an object's size in a street photo: a hydrant, a bag, a sign).
+CLICK_REGION = 0.3
+#: The smallest region side, in pixels, a user's region is widened to (what a click-and-release or
+#: two corners one pixel apart would give is no subject to search).
+MIN_REGION = 16
+
+
+def fit_region(box: Box | Sequence[float], size: tuple[int, int], min_side: float = MIN_REGION,
+               label: str = "your region") -> Box:
+    """A user's region made usable on a picture of ``size`` (width, height) pixels: corners put in
+    order, clamped to the picture, each side widened about its centre to at least ``min_side``
+    pixels (or the picture's side, when smaller), shifted back inside when widening crossed an edge.
+
+    Returns a :class:`~lens.types.Box` with ``label`` and score 1. Raises :class:`ImageError` when the
+    four numbers are not finite or the region lies wholly outside the picture.
+    """
+    try:
+        x1, y1, x2, y2 = Box.of(box).xyxy
+    except ValueError as exc:
+        raise ImageError(str(exc)) from None
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        raise ImageError(f"region {x1:g},{y1:g},{x2:g},{y2:g} is not usable: every coordinate must be a finite number")
+    x1, x2 = sorted((x1, x2))
+    y1, y2 = sorted((y1, y2))
+    width, height = size
+    if x2 < 0 or y2 < 0 or x1 > width or y1 > height:
+        raise ImageError(f"region {x1:g},{y1:g},{x2:g},{y2:g} lies outside the {width}x{height} image")
+
+    def span(low: float, high: float, limit: int) -> tuple[float, float]:
+        low, high = max(0.0, low), min(float(limit), high)
+        side = min(float(limit), max(high - low, min_side))
+        centre = (low + high) / 2
+        start = min(max(0.0, centre - side / 2), limit - side)
+        return start, start + side
+
+    (x1, x2), (y1, y2) = span(x1, x2, width), span(y1, y2, height)
+    return Box(x1, y1, x2, y2, label, 1.0)
+
+
+def region_around(x: float, y: float, size: tuple[int, int], share: float = CLICK_REGION,
+                  min_side: float = MIN_REGION) -> Box:
+    """The region searched for a click at (x, y) pixels outside every detected box: a square ``share``
+    of the picture's shorter side (at least ``min_side`` pixels), centred on the click and shifted to
+    lie inside the picture of ``size`` (width, height). Labelled ``region around (x, y)``.
+
+    Raises :class:`ImageError` for a point that is not finite or lies outside the picture.
+    """
+    width, height = size
+    if not (math.isfinite(x) and math.isfinite(y) and 0 <= x <= width and 0 <= y <= height):
+        raise ImageError(f"point {x:g},{y:g} lies outside the {width}x{height} image")
+    side = max(min_side, share * min(width, height))
+    left, top = (min(max(0.0, c - side / 2), max(0.0, limit - side)) for c, limit in ((x, width), (y, height)))
+    return fit_region((left, top, left + side, top + side), size, min_side,
+                      label=f"region around ({x:.0f}, {y:.0f})")
+
+
 def crop(image: Image.Image, box: Box | Sequence[float] | None, margin: float = 0.0) -> Image.Image:
     """The region of ``image`` under ``box`` (a :class:`~lens.types.Box` or ``(x1, y1, x2, y2)`` in
     pixels); ``None`` keeps the whole image (the same object is returned).

@@ -116,8 +116,8 @@ def test_the_pages_upload_then_search_decodes_once_and_crops_once(served, monkey
     monkeypatch.setattr(lens.images, "_open", lambda *a, **kw: decodes.append(Path(a[0])) or decode(*a, **kw))
     monkeypatch.setattr(lens.images, "expand_box", lambda *a, **kw: crops.append(a[0]) or widen(*a, **kw))
     on = app.Handlers(service)
-    image, boxes, subject, _ = on.on_photo(str(EXAMPLE), "test-quadrants", 0.25)
-    view, shown, exact, results, note = on.on_search(image, boxes, subject["value"], "resnet50", 3)
+    image, boxes, region, _, subject, _, _ = on.on_photo(str(EXAMPLE), "test-quadrants", 0.25)
+    view, shown, exact, results, note, *_ = on.on_search(image, boxes, region, subject["value"], "resnet50", 3)
     assert len(results) == 3 and "resnet50" in note
     assert decodes.count(EXAMPLE) == 1 and len(crops) == 1, (decodes, crops)
     assert shown.size != image.size  # the main subject was cropped, and that crop is what was searched
@@ -256,14 +256,14 @@ def test_the_pages_text_box_searches_with_or_without_a_photo(served_words):
 
     _, service, kinds = served_words
     on = app.Handlers(service)
-    view, crop, exact, results, note = on.on_search(None, [], app.WHOLE, "clip", 4, "  red ", 0.5)
+    view, crop, exact, results, note, *_ = on.on_search(None, [], None, app.WHOLE, "clip", 4, "  red ", 0.5)
     assert view is None and crop is None and exact == [] and len(results) == 4
     assert all(kinds[caption.split(" · ")[-1]][0] == "red" for _, caption in results)
     assert "“red”" in note and "far lower scale" in note  # the score's meaning is shown
     photo = app.load_image(service.gallery.root / "blue-circle-0.png")
-    view, crop, exact, results, note = on.on_search(photo, [], app.WHOLE, "clip", 4, "red", 0.6)
+    view, crop, exact, results, note, *_ = on.on_search(photo, [], None, app.WHOLE, "clip", 4, "red", 0.6)
     assert kinds[results[0][1].split(" · ")[-1]][0] == "red" and "+ “red”" in note and "image + words" in note
-    _, _, exact, results, note = on.on_search(None, [], app.WHOLE, "clip", 4, "", 0.5)
+    _, _, exact, results, note, *_ = on.on_search(None, [], None, app.WHOLE, "clip", 4, "", 0.5)
     assert exact == results == [] and "type words" in note
 
 
@@ -274,7 +274,73 @@ def test_words_without_a_method_that_reads_them_keep_the_photos_results(served):
     _, service = served
     on = app.Handlers(service)
     photo = app.load_image(next(p for p in sorted(service.gallery.root.rglob("*")) if p.is_file()))
-    view, crop, exact, results, note = on.on_search(photo, [], app.WHOLE, "resnet50", 3, "in red", 0.5)
+    view, crop, exact, results, note, *_ = on.on_search(photo, [], None, app.WHOLE, "resnet50", 3, "in red", 0.5)
     assert view is not None and len(results) == 3 and "words were left out" in note
-    _, _, exact, results, note = on.on_search(None, [], app.WHOLE, "resnet50", 3, "red", 0.5)
+    _, _, exact, results, note, *_ = on.on_search(None, [], None, app.WHOLE, "resnet50", 3, "red", 0.5)
     assert exact == results == [] and "Words alone cannot be searched here" in note
+
+
+def test_status_says_a_failure_in_one_line_with_details_folded_and_names_are_short(tmp_path):
+    import app
+    from lens.methods import register_method, short_name
+
+    @register_method("test-broken-weights")
+    def _broken(spec, model=None):
+        raise RuntimeError("cannot load the weights\n  File x.py, line 1\n  File y.py, line 2\nOSError: gone")
+
+    write_gallery(tmp_path / "photos", 3)
+    service = LensService(Gallery(tmp_path / "photos", tmp_path / "idx"), ["test-broken-weights", "phash"])
+    service.start(background=False)
+    lines = app.status_markdown(service).splitlines()
+    broken = next(line for line in lines if "test-broken-weights" in line)
+    assert "failed (cannot load the weights)" in broken and broken.index("<details>") > broken.index("failed")
+    assert lines[-1].startswith("```") is False and any("● **phash**: ready" in line for line in lines)
+    assert [short_name(s) for s in ("vit", "hf:facebook/dinov2-small", "hf:../w/efficientnet_lite0.in1k/")] == [
+        "vit", "dinov2-small", "efficientnet_lite0.in1k"]
+    assert app._method_choices(["auto", "hf:../w/efficientnet_lite0.in1k"]) == [
+        ("auto", "auto"), ("efficientnet_lite0.in1k", "hf:../w/efficientnet_lite0.in1k")]
+
+
+def test_a_click_outside_every_box_and_a_drawn_region_are_searched(served):
+    """The page's click events: outside every box, a region around the click; Draw, two corners."""
+    import app
+
+    _, service = served
+    on = app.Handlers(service)
+    image, boxes, region, corner, subject, _, hint = on.on_photo(str(EXAMPLE), "test-quadrants", 0.25)
+    width, height = image.size
+
+    class Click:  # what gr.SelectData carries for a click on the photo
+        def __init__(self, x, y):
+            self.index = (x, y)
+
+    region, corner, subject, _, hint = on.on_click(image, boxes, region, None, app.PICK, subject["value"],
+                                                   Click(width * 0.75, height * 0.9))  # under no box
+    assert corner is None and subject["value"].startswith(app.REGION + "region around") and "No detected object" in hint
+    view, crop, _, results, note, found, corners, _ = on.on_search(image, boxes, region, subject["value"], "resnet50", 3)
+    assert len(results) == 3 and "results for *region around" in note and crop.size < image.size
+    assert [f["rank"] for f in found] == [1, 2, 3]
+    _, corner, _, _, hint = on.on_click(image, boxes, region, None, app.DRAW, subject["value"], Click(10, 20))
+    assert corner == [10, 20] and "opposite corner" in hint
+    assert on.after_click(corner, image, boxes, region, subject["value"], "resnet50", 3)[0] is not None  # skipped
+    region, corner, subject, _, _ = on.on_click(image, boxes, region, corner, app.DRAW, subject["value"], Click(60, 2))
+    assert corner is None and region.xyxy == (10, 2, 60, 20) and region.label == "your region"
+    *_, note, found, corners, opened = on.on_search(image, boxes, region, subject["value"], "resnet50", 2)
+    assert "*your region* (10, 2, 60, 20)" in note and corners == "10, 2, 60, 20" and len(found) == 2
+    shown, picture, download, caption = on.on_open(found, 1)
+    assert shown["visible"] and Path(picture["value"]).is_file() and "#2" in caption
+    region, *_ = on.on_region(image, boxes, "70, 80, 20, 30")
+    assert region.xyxy == (20, 30, 70, 80)
+
+
+def test_the_note_says_exact_matches_are_of_the_photo_and_similar_ones_of_the_subject():
+    import app
+    from lens.service import Outcome
+    from lens.types import SearchResult
+
+    exact = SearchResult(1, "poster.jpg", 42, Path("poster.jpg"), kind="inliers", match="exact", inliers=42)
+    similar = SearchResult(2, "man.jpg", 0.7, Path("man.jpg"))
+    note = app._note(Outcome("auto", [exact, similar], 0.05), "*person*")
+    assert "1 exact match in the photo (outlined), 1 similar to *person*" in note and note.startswith("**auto**")
+    assert "2 results for *cup*" in app._note(Outcome("hf:../w/effnet", [similar, similar], 0.05), "*cup*")
+    assert app._note(Outcome("hf:../w/effnet", [similar], 0.05), "*cup*").startswith("**effnet**")

@@ -67,7 +67,8 @@ def app_url(tmp_path_factory, tiny_dinov2, shapes_clip):
 
 
 def _image_point(page, selector: str, x: float, y: float, size: tuple[int, int]) -> tuple[float, float]:
-    """Screen coordinates of pixel (x, y) of an image shown with object-fit: contain."""
+    """Screen coordinates of pixel (x, y) of an image shown with object-fit: contain (scrolled into view)."""
+    page.locator(selector).scroll_into_view_if_needed()
     rect = page.locator(selector).bounding_box()
     scale = min(rect["width"] / size[0], rect["height"] / size[1])
     left = rect["x"] + (rect["width"] - size[0] * scale) / 2
@@ -75,16 +76,24 @@ def _image_point(page, selector: str, x: float, y: float, size: tuple[int, int])
     return left + x * scale, top + y * scale
 
 
-def test_click_a_box_switch_method_and_see_results(app_url, tmp_path):
-    from gradio_client import Client, handle_file
-    from playwright.sync_api import expect, sync_playwright
+def _ready(url: str):
+    """A client of the app at ``url`` once every method's index is ready."""
+    from gradio_client import Client
 
-    url, _ = app_url
     client = Client(url, verbose=False)
     deadline = time.time() + 240
     while {m["status"] for m in client.predict(api_name="/methods")} != {"ready"}:
         assert time.time() < deadline, client.predict(api_name="/methods")
         time.sleep(1)
+    return client
+
+
+def test_click_a_box_switch_method_and_see_results(app_url, tmp_path):
+    from gradio_client import handle_file
+    from playwright.sync_api import expect, sync_playwright
+
+    url, _ = app_url
+    client = _ready(url)
     detected = client.predict(handle_file(str(EXAMPLE)), "", 0.25, api_name="/detect")
     labels = [b["label"] for b in detected["boxes"]]
     assert {"cup", "spoon", "dining table"} <= set(labels), detected
@@ -136,7 +145,10 @@ def test_click_a_box_switch_method_and_see_results(app_url, tmp_path):
         for name, message in [("text.jpg", "'text.jpg' is not an image lens can read"),
                               ("bomb.png", "'bomb.png' is refused as a possible decompression bomb")]:
             upload.set_input_files(str(corpus / name))
-            expect(page.locator(".toast-body").filter(has_text=message).first).to_be_visible(timeout=60_000)
+            toast = page.locator(".toast-body").filter(has_text=message)
+            expect(toast.first).to_be_visible(timeout=60_000)
+            expect(page.locator("#lens-results img")).to_have_count(0, timeout=30_000)
+            assert " ".join(toast.all_inner_texts()).count(message) == 1  # one toast per event, not one per change
             expect(page.locator("#lens-results img")).to_have_count(0, timeout=30_000)
             expect(info).to_contain_text("Upload a photo", timeout=30_000)
         upload.set_input_files(str(EXAMPLE))
@@ -157,4 +169,81 @@ def test_click_a_box_switch_method_and_see_results(app_url, tmp_path):
         page.locator("#lens-upload input[type=file]").set_input_files(str(EXAMPLE))
         expect(info).to_contain_text("clip: 8 results for cup + “red”", timeout=60_000)
         expect(page.locator("#lens-results img")).to_have_count(8, timeout=30_000)
+        browser.close()
+
+
+def _no_horizontal_overflow(page) -> None:
+    width, inner = page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+    assert width <= inner, f"the page is {width} px wide in a {inner} px window"
+
+
+def test_any_region_is_searched_a_result_opens_and_every_width_fits(app_url):
+    """A click outside every detected box searches the area around it; two clicks in Draw mode search a
+    region the detector did not find; a result opens; the search and compare tabs fit 390, 768 and 1400 px
+    (screenshots: artifacts/app-*-390.png, artifacts/app-*-1400.png)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    url, _ = app_url
+    _ready(url)
+    ARTIFACTS.mkdir(exist_ok=True)
+    width, height = 570, 380  # coffee.jpg; the detector's boxes end at x = 536 (dining table, cup, spoon)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+        for screen in (1400, 768, 390):
+            page = browser.new_page(viewport={"width": screen, "height": 1000})
+            page.goto(url)
+            page.locator("#lens-upload input[type=file]").set_input_files(str(EXAMPLE))
+            view, info = "#lens-view img", page.locator("#lens-info")
+            checked = page.locator("#lens-subject input:checked")
+            expect(info).to_contain_text("results for cup", timeout=90_000)
+
+            # a click right of every box: the area around the click, said so (not "Whole image")
+            page.mouse.click(*_image_point(page, view, 555, 190, (width, height)))
+            near = r"\((55\d), (1[89]\d)\)"  # (555, 190) give or take a screen pixel
+            expect(checked).to_have_value(re.compile(r"^✎ region around " + near), timeout=30_000)
+            expect(page.locator("#lens-hint")).to_contain_text(re.compile("No detected object at " + near))
+            expect(info).to_contain_text(re.compile("results for region around " + near), timeout=60_000)
+            expect(page.locator("#lens-results img")).to_have_count(8, timeout=30_000)
+
+            # Draw: two opposite corners around the saucer's right edge, which no box covers alone
+            page.locator("#lens-tool").get_by_text("Draw").click()
+            page.mouse.click(*_image_point(page, view, 380, 300, (width, height)))
+            expect(page.locator("#lens-hint")).to_contain_text("now click the opposite corner", timeout=30_000)
+            page.mouse.click(*_image_point(page, view, 560, 40, (width, height)))
+            corners = r"3[78]\d, [34]\d, 5[56]\d, (29|30)\d"  # 380, 40, 560, 300 give or take a screen pixel
+            expect(checked).to_have_value(re.compile(r"^✎ your region: " + corners), timeout=30_000)
+            expect(info).to_contain_text(re.compile(rf"results for your region \({corners}\)"), timeout=60_000)
+            expect(page.locator("#lens-results img")).to_have_count(8, timeout=30_000)
+
+            if screen == 1400:  # k: Enter searches; a whole number from 1 to the gallery's size
+                k = page.locator("#lens-k input")
+                k.fill("3")
+                k.press("Enter")
+                expect(page.locator("#lens-results img")).to_have_count(3, timeout=60_000)
+                k.fill("0.1")
+                k.press("Enter")
+                expect(page.locator(".toast-body").first).to_contain_text("1", timeout=30_000)
+                expect(page.locator("#lens-results img")).to_have_count(3)  # nothing searched
+                k.fill("8")
+                k.press("Enter")
+                expect(page.locator("#lens-results img")).to_have_count(8, timeout=60_000)
+
+            # open a result: the original, its path and a download
+            page.locator("#lens-results .thumbnail-item").first.click()
+            opened = page.locator("#lens-opened-note")
+            expect(opened).to_contain_text("#1", timeout=30_000)
+            assert page.locator("#lens-opened-image img").get_attribute("src")
+            expect(page.locator("#lens-download")).to_be_visible()
+            _no_horizontal_overflow(page)
+            page.screenshot(path=str(ARTIFACTS / f"app-search-{screen}.png"), full_page=True)
+
+            page.get_by_role("tab", name="Compare methods").click()
+            page.locator("#lens-compare-button").click()
+            for name in ("efficientnet_lite0.in1k", "vit", "clip"):  # one row per method, short names
+                expect(page.locator("#lens-compare")).to_contain_text(name, timeout=60_000)
+            expect(page.locator("#lens-compare-tab .lens-grid img").first).to_be_visible(timeout=30_000)
+            _no_horizontal_overflow(page)
+            page.screenshot(path=str(ARTIFACTS / f"app-compare-{screen}.png"), full_page=True)
+            page.close()
         browser.close()

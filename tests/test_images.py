@@ -194,3 +194,32 @@ def test_large_jpegs_decode_at_a_reduced_scale_when_the_caller_needs_fewer_pixel
     big.save(tmp_path / "big.png")
     assert load_image(tmp_path / "big.png", min_side=200).size == (2000, 1500)  # only JPEG scales
     assert load_image(tmp_path / "big.jpg", min_side=800).size == (2000, 1500)  # < 2 x min_side: as is
+
+
+def test_a_users_region_is_ordered_clamped_and_widened_to_a_usable_size():
+    from lens.images import MIN_REGION, fit_region
+
+    # corners in any order (dragged up and left), partly outside: ordered and clamped to the picture
+    assert fit_region((120, 90, -30, 10), (100, 80)).xyxy == (0, 10, 100, 80)
+    # a click-and-release (no extent) near an edge: widened to MIN_REGION, kept inside
+    tiny = fit_region((99, 40, 99, 40), (100, 80))
+    assert tiny.xyxy == (100 - MIN_REGION, 40 - MIN_REGION / 2, 100, 40 + MIN_REGION / 2)
+    assert tiny.label == "your region" and tiny.score == 1.0
+    # a picture smaller than MIN_REGION: the region is the whole side
+    assert fit_region((2, 2, 3, 3), (8, 30)).xyxy == (0, 0, 8, MIN_REGION)  # and shifted down inside
+    for bad in [(200, 200, 300, 300), (float("nan"), 0, 5, 5)]:
+        with pytest.raises(ImageError):
+            fit_region(bad, (100, 80))
+
+
+def test_a_click_outside_every_box_searches_a_square_around_it_inside_the_picture():
+    from lens.images import CLICK_REGION, region_around
+
+    middle = region_around(320, 240, (640, 480))
+    side = CLICK_REGION * 480
+    assert middle.xyxy == pytest.approx((320 - side / 2, 240 - side / 2, 320 + side / 2, 240 + side / 2))
+    assert middle.label == "region around (320, 240)"
+    corner = region_around(635, 2, (640, 480))  # shifted inside, same size
+    assert corner.xyxy == pytest.approx((640 - side, 0, 640, side))
+    with pytest.raises(ImageError):
+        region_around(700, 2, (640, 480))

@@ -41,6 +41,7 @@ __all__ = [
     "method_slug",
     "parse_models",
     "register_method",
+    "short_name",
 ]
 
 #: Modules that register methods (importing one registers its methods) and the names each one
@@ -205,3 +206,14 @@ def method_slug(spec: str) -> str:
     else:
         tail = re.split(r"[/\\]", argument)[-1]  # a local path: its last component
     return f"{prefix}-" + re.sub(r"[^A-Za-z0-9._-]+", "-", tail)
+
+
+def short_name(spec: str) -> str:
+    """A method spec as people read it in a menu: a registered name stays (``vit``), a family's
+    argument keeps its last part (``hf:facebook/dinov2-small`` -> ``dinov2-small``,
+    ``hf:../weights/efficientnet_lite0.in1k/`` -> ``efficientnet_lite0.in1k``)."""
+    prefix, sep, argument = spec.partition(":")
+    if not sep:
+        return spec
+    tail = re.split(r"[/\\]", argument.rstrip("/\\"))[-1]
+    return tail or spec
