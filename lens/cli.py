@@ -1,7 +1,13 @@
 """The ``lens`` command line: ``lens index``, ``search``, ``detect``, ``methods``, ``train``, ``eval``.
 
 Every command is a thin shell over the library (:class:`lens.Gallery`); errors a user can fix are
-printed as one line (``lens: error: ...``) with exit status 1, never as a traceback.
+printed as one line (``lens: error: ...``) with exit status 1, never as a traceback. ``lens search``
+takes many photos in one call (files, folders, ``-`` for paths on stdin): the model loads once and
+the photos are embedded in batches. A command imports what it uses when it runs (``lens search
+--method phash`` never imports torch), so the start-up of a call is what its method needs.
+
+Exit status: 0 done; 1 an error the user can fix (or, for ``search`` with many photos, some photos
+could not be searched); 2 a usage error (argparse); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -9,9 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from lens.errors import LensError
 from lens.methods import parse_models
@@ -118,12 +125,31 @@ def _run_index(args: argparse.Namespace) -> int:
 
 
 # -- lens search -----------------------------------------------------------------------------------
+SEARCH_EPILOG = """\
+Many photos in one call: give several QUERY files, a folder (every image below it), or - (paths read
+from stdin, one a line), mixed as you like. The gallery's index and the method's model are loaded
+once, and the photos are searched in batches of --batch-size (embedded together). Output: a section
+per photo, or with --json one JSON object per line (JSON lines), in input order:
+  {"query": PATH, "results": [...]}               (with --detect: "objects": [{box, label, score, results}])
+  {"query": PATH, "error": MESSAGE}               a photo that cannot be searched (also on stderr)
+One QUERY file alone prints as before: the table, or with --json one JSON list.
+
+Exit status: 0 when every photo was searched; 1 when any photo failed (each failure is reported and
+the other photos are still searched) or for an error that stops the whole call (no index, bad
+option); 2 for a usage error.
+"""
+
+
 def _search_parser(sub: argparse._SubParsersAction) -> Handler:
-    parser = sub.add_parser("search", help="find the gallery images most similar to a photo (and/or words)")
-    parser.add_argument("query", metavar="QUERY_IMAGE", nargs="?",
-                        help="the photo to search for (optional with --text)")
+    parser = sub.add_parser(
+        "search", help="find the gallery images most similar to photos (and/or words)",
+        description="Find the gallery images most similar to a photo, to many photos, or to words.",
+        epilog=SEARCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("queries", metavar="QUERY", nargs="*",
+                        help="a photo, a folder of photos, or - (photo paths on stdin); several allowed "
+                             "(optional with --text)")
     parser.add_argument("--text", metavar="WORDS",
-                        help="search by words ('a red dress'), or refine QUERY_IMAGE with them ('in red'); "
+                        help="search by words ('a red dress'), or refine each QUERY photo with them ('in red'); "
                              "needs a method that reads text: clip, siglip, clip:<id or folder>")
     parser.add_argument("--text-weight", type=float, default=0.5, metavar="W",
                         help="the words' share of a photo + words query, 0-1: query = normalise((1-W) image + "
@@ -133,41 +159,61 @@ def _search_parser(sub: argparse._SubParsersAction) -> Handler:
                         help="method spec, or 'auto' (default): exact matches (the 'local' index, "
                              "RANSAC-verified) first, then visually similar images (another indexed method)")
     parser.add_argument("-k", type=int, default=10, help="how many results (default: %(default)s)")
-    parser.add_argument("--box", metavar="x1,y1,x2,y2", help="search only this region of the query (pixels)")
+    parser.add_argument("--box", metavar="x1,y1,x2,y2",
+                        help="search only this region of the query (pixels; one QUERY photo only)")
     parser.add_argument("--rerank", metavar="N|all", type=_parse_rerank,
                         help="re-rank the top N index candidates: by the method's own check (sift: "
                              "RANSAC-verified matches) or exactly with the stored vectors; 'all' "
                              "compares every gallery image (brute force); 0: off (default: the "
                              "method's or the index's setting)")
     parser.add_argument("--json", action="store_true",
-                        help="print a JSON list of {rank, path, score, score_kind, match} (+ inliers and "
-                             "region, the query's outline in the result, for exact matches); with --detect, a list of "
-                             "{box, results}, one per searched box (box: null for the whole image)")
+                        help="one QUERY photo: a JSON list of {rank, path, score, score_kind, match} (+ inliers "
+                             "and region, the query's outline in the result, for exact matches); with "
+                             "--detect, a list of {box, label, score, results}, one per searched object "
+                             "(box, label, score: as `lens detect --json`; null for the whole image). "
+                             "Many photos: JSON lines (see below)")
     parser.add_argument("--detect", nargs="?", const="main", choices=["main", "all"],
                         help="find objects first: search the main subject (--detect or --detect main), "
                              "or every detected object, results grouped per box (--detect all)")
     parser.add_argument("--margin", type=float, default=0.05,
                         help="context added around a detected box, as a fraction of its size "
                              "(default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=16, metavar="N",
+                        help="query photos decoded and embedded together (default: %(default)s)")
     _add_detector_options(parser, weights_flag="--detector-weights")
     _add_common(parser)
     return _run_search
 
 
 def _run_search(args: argparse.Namespace) -> int:
+    """``lens search``: one photo (the table or a JSON list), many photos (a section or a JSON line
+    each; see :data:`SEARCH_EPILOG`), or words alone. Returns the exit status: 0, or 1 when a photo of
+    many failed; raises :class:`LensError` for an error that stops the whole call."""
     if args.k < 1:
         raise LensError("-k must be at least 1")
+    if args.batch_size < 1:
+        raise LensError("--batch-size must be at least 1")
+    if not args.queries and args.text is None:
+        raise LensError("give a QUERY photo, --text WORDS, or both")
+    if not args.queries and (args.box or args.detect):
+        raise LensError("--box and --detect choose a region of a QUERY photo: give one")
+    if args.box and args.detect:
+        raise LensError("use either --box or --detect, not both")
+    if len(args.queries) > 1 or any(q == "-" or os.path.isdir(q) for q in args.queries):
+        return _search_batch(args)
     from lens.images import load_image
 
-    if args.query is None and args.text is None:
-        raise LensError("give a QUERY_IMAGE, --text WORDS, or both")
-    if args.query is None and (args.box or args.detect):
-        raise LensError("--box and --detect choose a region of a QUERY_IMAGE: give one")
-    query = load_image(args.query) if args.query is not None else None  # a bad query or box fails here,
+    query = load_image(args.queries[0]) if args.queries else None  # a bad query or box fails here,
     box = _parse_box(args.box, query.size if query is not None else None)  # before any model loads
     gallery = _gallery(args)
     if args.detect:
-        return _search_detected(args, gallery, query)
+        _check_indexed(gallery, args.method)  # a missing index fails before the detector loads
+        [groups] = _search_objects(args, gallery, _detector(args), [query])
+        if args.json:
+            print(json.dumps([_object_dict(box, results) for box, results in groups], indent=2))
+        else:
+            _print_objects(groups)
+        return 0
     words = {"text": args.text, "text_weight": args.text_weight} if args.text is not None else {}
     results = gallery.search(query, args.method, k=args.k, box=box, rerank=args.rerank, **words)
     if args.json:
@@ -175,6 +221,150 @@ def _run_search(args: argparse.Namespace) -> int:
         return 0
     _print_results(results)
     return 0
+
+
+def _search_batch(args: argparse.Namespace) -> int:
+    """Many query photos with one gallery, one model and (with --detect) one detector: decoded and
+    searched --batch-size at a time (:meth:`lens.Gallery.search_many`: embedded together). A photo
+    that cannot be read is reported (stderr, and a JSON line with --json) and the others still run."""
+    from lens.images import load_image
+
+    if args.box:
+        raise LensError("--box is a region of one photo: give exactly one QUERY photo with it")
+    gallery = _gallery(args)
+    _check_indexed(gallery, args.method)  # no index: stop before reading any photo
+    detector = _detector(args) if args.detect else None
+    failed = total = 0
+    for chunk in _batches(_query_paths(args.queries), args.batch_size):
+        decoded: list[tuple[str, object]] = []  # (path, the picture or the reason it cannot be searched)
+        for path in chunk:
+            try:
+                decoded.append((path, load_image(path)))
+            except LensError as exc:
+                decoded.append((path, exc))
+        photos = [picture for _, picture in decoded if not isinstance(picture, LensError)]
+        if not photos:
+            answers = iter([])
+        elif detector is not None:
+            answers = iter([{"objects": groups} for groups in _search_objects(args, gallery, detector, photos)])
+        else:
+            answers = iter([{"results": results} for results in _search_photos(args, gallery, photos)])
+        for path, picture in decoded:  # in input order
+            total += 1
+            if isinstance(picture, LensError):
+                failed += 1
+                _report_failure(args, path, picture)
+            else:
+                _emit(args, path, **next(answers))
+        sys.stdout.flush()  # a line per photo as soon as its batch is done
+    if total == 0:
+        raise LensError("no query photos: the folders given hold no images and stdin gave no paths")
+    if failed:
+        print(f"lens: error: {failed} of {total} query photos could not be searched", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _check_indexed(gallery, method: str) -> None:
+    """Raise :class:`~lens.errors.IndexNotFoundError` when ``method`` (or ``auto``) has nothing to search."""
+    from lens.search import AUTO, auto_methods
+
+    if method == AUTO:
+        auto_methods(gallery.indexed_methods())
+    else:
+        gallery.open(method)
+
+
+def _query_paths(queries: Sequence[str]) -> Iterator[str]:
+    """The photo paths ``queries`` name, in order: a file as it is, a folder's images (recursive,
+    sorted: :func:`lens.images.iter_image_files`), ``-``: the paths on stdin, one a line."""
+    from lens.images import iter_image_files
+
+    for query in queries:
+        if query == "-":
+            yield from (line.rstrip("\r\n") for line in sys.stdin if line.strip())
+        elif os.path.isdir(query):
+            yield from (os.fspath(path) for path in iter_image_files(query))
+        else:
+            yield query
+
+
+def _batches(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _search_photos(args: argparse.Namespace, gallery, photos: list) -> list[list]:
+    """The results of each decoded photo: embedded in one batch, or one by one with --text."""
+    if args.text is not None:
+        return [gallery.search(photo, args.method, k=args.k, rerank=args.rerank, text=args.text,
+                               text_weight=args.text_weight) for photo in photos]
+    return gallery.search_many(photos, args.method, k=args.k, rerank=args.rerank)
+
+
+def _search_objects(args: argparse.Namespace, gallery, detector, photos: list) -> list[list[tuple]]:
+    """``search --detect``: for each photo, [(box, results)] for its main subject or every object
+    (--detect all); [(None, results)] (the whole image, with a warning) when nothing is found. All
+    the boxes of all the photos are searched in one batch (with --text: one by one)."""
+    from lens.detect import main_subject
+
+    per_photo = []
+    for photo, boxes in zip(photos, detector.detect_many(photos)):
+        if args.detect == "main":
+            subject = main_subject(boxes, photo.size)
+            boxes = [subject] if subject else []
+        if not boxes:
+            logging.getLogger("lens").warning("no object found (detector %s); searching the whole image",
+                                              args.detector)
+        per_photo.append(boxes or [None])
+    pairs = [(photo, box) for photo, boxes in zip(photos, per_photo) for box in boxes]
+    if args.text is not None:  # each box refined by the words
+        found = [gallery.search(photo, args.method, k=args.k, box=box, rerank=args.rerank, margin=args.margin,
+                                text=args.text, text_weight=args.text_weight) for photo, box in pairs]
+    else:
+        found = gallery.search_many([photo for photo, _ in pairs], args.method, k=args.k,
+                                    boxes=[box for _, box in pairs], rerank=args.rerank, margin=args.margin)
+    groups, start = [], 0
+    for boxes in per_photo:
+        groups.append(list(zip(boxes, found[start:start + len(boxes)])))
+        start += len(boxes)
+    return groups
+
+
+def _object_dict(box, results) -> dict:
+    """One searched object as JSON: the box exactly as ``lens detect --json`` gives it
+    (``box`` [x1, y1, x2, y2], ``label``, ``score``; all null for the whole image) and its ``results``."""
+    where = box.as_dict() if box is not None else {"box": None, "label": None, "score": None}
+    return {**where, "results": [r.as_dict() for r in results]}
+
+
+def _emit(args: argparse.Namespace, path: str, *, results=None, objects=None) -> None:
+    """One photo of many: a JSON line with --json, else a section headed by its path."""
+    from lens.images import display_path
+
+    if args.json:
+        answer = ({"objects": [_object_dict(box, found) for box, found in objects]} if objects is not None
+                  else {"results": [r.as_dict() for r in results]})
+        print(json.dumps({"query": path, **answer}))
+        return
+    print(f"query: {display_path(path)}")
+    if objects is not None:
+        _print_objects(objects)
+    else:
+        _print_results(results)
+    print()
+
+
+def _report_failure(args: argparse.Namespace, path: str, exc: LensError) -> None:
+    print(f"lens: error: {exc}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"query": path, "error": str(exc)}))
 
 
 def _print_results(results) -> None:
@@ -190,37 +380,12 @@ def _print_results(results) -> None:
         print(f"{r.rank:>4}  {score}  {match}{r.file}")
 
 
-def _search_detected(args: argparse.Namespace, gallery, query) -> int:
-    """``search --detect``: the main subject, or every object; the whole image when nothing is found."""
-    from lens.detect import main_subject
-
-    if args.box:
-        raise LensError("use either --box or --detect, not both")
-    gallery.open(args.method)  # a missing index fails before the detector loads
-    boxes = _detector(args).detect(query)
-    if args.detect == "main":
-        subject = main_subject(boxes, query.size)
-        boxes = [subject] if subject else []
-    if not boxes:
-        logging.getLogger("lens").warning("no object found (detector %s); searching the whole image",
-                                          args.detector)
-    shown = boxes or [None]
-    if args.text is not None:  # each box refined by the words
-        groups = [gallery.search(query, args.method, k=args.k, box=box, rerank=args.rerank, margin=args.margin,
-                                 text=args.text, text_weight=args.text_weight) for box in shown]
-    else:
-        groups = gallery.search_many([query] * len(shown), args.method, k=args.k, boxes=shown,
-                                     rerank=args.rerank, margin=args.margin)
-    if args.json:
-        print(json.dumps([{"box": box.as_dict() if box else None, "results": [r.as_dict() for r in group]}
-                          for box, group in zip(shown, groups)], indent=2))
-        return 0
-    for n, (box, group) in enumerate(zip(shown, groups), 1):
+def _print_objects(groups: list[tuple]) -> None:
+    for n, (box, results) in enumerate(groups, 1):
         if n > 1:
             print()
-        print(_describe_box(box, n, len(shown)))
-        _print_results(group)
-    return 0
+        print(_describe_box(box, n, len(groups)))
+        _print_results(results)
 
 
 def _describe_box(box, n: int, count: int) -> str:
@@ -462,6 +627,12 @@ COMMANDS = [_index_parser, _search_parser, _detect_parser, _methods_parser, _tra
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
+    """The ``lens`` argument parser and, per command name, the handler that runs it.
+
+    A handler takes the parsed arguments and returns the exit status; it raises
+    :class:`~lens.errors.LensError` for an error the user can fix (:func:`main` prints it).
+    Building the parser imports no model library (torch, OpenCV, faiss, ...).
+    """
     from lens.version import __version__
 
     parser = argparse.ArgumentParser(prog="lens", description="lens: photo in, similar images out.")
@@ -485,6 +656,14 @@ def _os_path_output() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``lens`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status.
+
+    0: done; 1: a :class:`~lens.errors.LensError` (printed as one line, ``lens: error: ...``, on
+    stderr), or with ``lens search`` of many photos, some could not be searched (each reported, the
+    others searched); 130: interrupted (Ctrl-C). A usage error (an unknown option, a missing
+    argument) exits with status 2 through ``SystemExit``, as argparse does; so do ``--help`` and
+    ``--version`` (status 0). Results go to stdout, warnings and errors to stderr.
+    """
     _os_path_output()
     parser, handlers = build_parser()
     args = parser.parse_args(argv)

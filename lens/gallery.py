@@ -328,8 +328,10 @@ class Gallery:
         order) or ``None`` (the method's or index spec's default).
         """
         boxes = list(boxes) if boxes is not None else [None] * len(images)
+        if not images:
+            return []
         if method == AUTO:
-            return [self._search_auto(image, box, k, rerank, margin) for image, box in zip(images, boxes)]
+            return self._search_auto(images, boxes, k, rerank, margin)
         stored, searcher, _ = self._open(method)
         if isinstance(searcher, MatchesLocally):  # the whole photo: the box only focuses
             return [match_picture(stored, searcher, load_image(image), Box.of(box) if box is not None else None,
@@ -337,13 +339,14 @@ class Gallery:
         pictures = [query_picture(image, box, margin) for image, box in zip(images, boxes)]
         return search_pictures(stored, searcher, pictures, self.root, k, rerank, files=self.files)
 
-    def _search_auto(self, image: ImageSource, box: Region, k: int, rerank: Rerank, margin: float
-                     ) -> list[SearchResult]:
-        """The combined search (:func:`lens.search.combine`): exact matches, then visually similar."""
+    def _search_auto(self, images: Sequence[ImageSource], boxes: Sequence[Region], k: int, rerank: Rerank,
+                     margin: float) -> list[list[SearchResult]]:
+        """The combined search (:func:`lens.search.combine`) of each image: exact matches, then
+        visually similar ones (all the images embedded in one batch)."""
         exact_method, similar_method = auto_methods(self.indexed_methods())
-        picture = load_image(image)  # decoded once for both
-        exact = self.search_many([picture], exact_method, k, [box])[0] if exact_method else []
-        verified = sum(r.match == "exact" for r in exact)
-        similar = (self.search_many([picture], similar_method, k + verified, [box], rerank, margin=margin)[0]
-                   if similar_method else [])
-        return combine(exact, similar, k)
+        pictures = [load_image(image) for image in images]  # decoded once for both
+        exact = self.search_many(pictures, exact_method, k, boxes) if exact_method else [[] for _ in pictures]
+        verified = max((sum(r.match == "exact" for r in found) for found in exact), default=0)
+        similar = (self.search_many(pictures, similar_method, k + verified, boxes, rerank, margin=margin)
+                   if similar_method else [[] for _ in pictures])
+        return [combine(found, alike, k) for found, alike in zip(exact, similar)]

@@ -156,4 +156,4 @@ def test_cli_searches_by_words_and_by_photo_plus_words(shapes, shapes_clip, caps
     assert kinds[os.path.basename(refined[0]["path"])][0] == "red"
     assert refined[0]["score_kind"] == "image+text cosine"
     assert main(["search", *common]) == 1
-    assert "lens: error: give a QUERY_IMAGE, --text WORDS, or both" in capsys.readouterr().err
+    assert "lens: error: give a QUERY photo, --text WORDS, or both" in capsys.readouterr().err

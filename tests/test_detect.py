@@ -258,7 +258,7 @@ def test_search_detect_falls_back_to_the_whole_image_and_says_so(indexed_gallery
     assert done.returncode == 0, done.stderr
     assert "no object found" in done.stderr and "searching the whole image" in done.stderr
     [group] = json.loads(done.stdout)
-    assert group["box"] is None
+    assert group["box"] is None and group["label"] is None and group["score"] is None
     assert [r["rank"] for r in group["results"]] == [1, 2, 3]
     assert group["results"][0]["path"] == "photos/p2.png"  # the whole query is in the gallery
 
@@ -270,9 +270,14 @@ def test_search_detect_all_groups_results_per_box(indexed_gallery, random_yolo):
     assert done.returncode == 0, done.stderr
     groups = json.loads(done.stdout)
     assert len(groups) > 1
-    for group in groups:
-        assert set(group["box"]) == {"box", "label", "score"}
+    for group in groups:  # flat: a box has the same keys here as in `lens detect --json` (issue #18)
+        assert set(group) == {"box", "label", "score", "results"}
+        assert len(group["box"]) == 4 and all(isinstance(v, float) for v in group["box"])
         assert [r["rank"] for r in group["results"]] == [1, 2, 3]
+    detected = lens_offline("detect", "photos/p1.png", "--weights", str(random_yolo), "--conf", "0.00001", "--json",
+                            cwd=root)
+    assert detected.returncode == 0, detected.stderr
+    assert [{key: g[key] for key in ("box", "label", "score")} for g in groups] == json.loads(detected.stdout)
     main = _search(root, model, "photos/p1.png", "--detect", *args)
     assert main.returncode == 0, main.stderr
     assert main.stdout.startswith("main subject: ") and main.stdout.count("rank") == 1

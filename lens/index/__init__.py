@@ -15,7 +15,8 @@ Float vectors are compared by ``cosine``; bit codes (``hamming``) travel as pack
 many candidates the gallery re-ranks exactly (:func:`rerank_exact`) from its stored vectors.
 
 Adding a backend: write ``lens/index/<name>_index.py`` with a class decorated by
-``@register_backend("name")`` and add the module to ``_BACKEND_MODULES``.
+``@register_backend("name")`` and add the module to ``_BACKEND_MODULES``. Opening an index imports
+only its backend's module (``<name>_index``): an Annoy index never imports faiss.
 """
 
 from __future__ import annotations
@@ -120,20 +121,27 @@ def register_backend(name: str):
 
 
 def _backend(spec: str) -> type[VectorIndex]:
-    global _loaded
-    if not _loaded:
-        for module in _BACKEND_MODULES:
-            importlib.import_module(f"lens.index.{module}")
-        _loaded = True
     name = spec.partition(":")[0].strip()
+    if name not in _BACKENDS and f"{name}_index" in _BACKEND_MODULES:
+        importlib.import_module(f"lens.index.{name}_index")  # only this backend's library
+    if name not in _BACKENDS:
+        _load_backends()  # a module may register a backend under another name
     if name not in _BACKENDS:
         raise LensError(f"unknown index backend '{name}' in '{spec}'; known: {', '.join(list_backends())}")
     return _BACKENDS[name]
 
 
+def _load_backends() -> None:
+    global _loaded
+    if not _loaded:
+        for module in _BACKEND_MODULES:
+            importlib.import_module(f"lens.index.{module}")
+        _loaded = True
+
+
 def list_backends() -> list[str]:
     """The registered backend names (``annoy``, ``faiss``, ``lsh``, ``milvus``), sorted."""
-    _backend(DEFAULT_INDEX)
+    _load_backends()
     return sorted(_BACKENDS)
 
 

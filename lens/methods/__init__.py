@@ -5,7 +5,9 @@ one (``hf:facebook/dinov2-base``, ``hf:./my-local-model``). ``create_method`` lo
 process and returns the cached instance afterwards.
 
 Adding a method: write ``lens/methods/<family>.py`` that decorates its factory with
-``@register_method("name")`` and add the module's name to ``_FAMILIES`` below.
+``@register_method("name")`` and add the module and the names it registers to ``_FAMILIES`` below.
+A spec imports only its own family's module (``phash`` never imports torch, ``resnet50`` never
+OpenCV): start-up is what the method needs, not what every method needs.
 
 Trained methods (``autoencoder``, ``siamese``, ``finetune``; ``register_method(..., trained=True)``)
 load a model folder written by ``lens train``; a :class:`lens.Gallery` gives them its own
@@ -42,8 +44,18 @@ __all__ = [
     "short_name",
 ]
 
-#: Modules that register methods; importing one registers its methods.
-_FAMILIES = ["deep", "autoencoder", "siamese", "hashing", "sift", "local", "clip"]
+#: Modules that register methods (importing one registers its methods) and the names each one
+#: registers, ``name:`` for a prefix family: a spec imports only its family (tests check this table
+#: against what the modules register).
+_FAMILIES: dict[str, tuple[str, ...]] = {
+    "deep": ("resnet50", "vit", "vit-in21k", "hf:"),
+    "autoencoder": ("autoencoder", "autoencoder:"),
+    "siamese": ("siamese", "finetune", "siamese:", "finetune:"),
+    "hashing": ("phash", "dhash", "ahash"),
+    "sift": ("sift",),
+    "local": ("local",),
+    "clip": ("clip", "siglip", "clip:"),
+}
 
 MethodFactory = Callable[..., Method]
 _NAMES: dict[str, MethodFactory] = {}
@@ -75,11 +87,24 @@ def register_method(
 
 
 def _load_families() -> None:
+    """Import every family (for listing every method, or naming the known ones in an error)."""
     global _loaded
     if not _loaded:
         for family in _FAMILIES:
             importlib.import_module(f"lens.methods.{family}")
         _loaded = True
+
+
+def _load_family_of(spec: str) -> None:
+    """Import the family that registers ``spec`` (a name or ``prefix:argument``); every family when
+    no table entry names it (so that an unknown spec is checked against the full registry)."""
+    prefix, sep, argument = spec.partition(":")
+    key = f"{prefix}:" if sep and argument else spec
+    family = next((family for family, names in _FAMILIES.items() if key in names), None)
+    if family is None:
+        _load_families()
+    else:
+        importlib.import_module(f"lens.methods.{family}")
 
 
 def parse_models(pairs: Sequence[str]) -> dict[str, str]:
@@ -98,7 +123,7 @@ def parse_models(pairs: Sequence[str]) -> dict[str, str]:
 
 def is_trained(spec: str) -> bool:
     """Whether ``spec`` names a trained method that takes its gallery's model folder by default."""
-    _load_families()
+    _load_family_of(spec.strip())
     return spec.strip() in _TRAINED
 
 
@@ -117,13 +142,21 @@ def check_spec(spec: str) -> None:
 
 
 def _factory(spec: str) -> MethodFactory:
-    _load_families()
+    _load_family_of(spec)
+    found = _registered(spec)
+    if found is None:
+        _load_families()  # a family outside the table may still register it
+        found = _registered(spec)
+    if found is None:
+        raise LensError(f"unknown method '{spec}'; known methods: {', '.join(list_methods())}")
+    return found
+
+
+def _registered(spec: str) -> MethodFactory | None:
     if spec in _NAMES:
         return _NAMES[spec]
     prefix, sep, argument = spec.partition(":")
-    if sep and prefix in _PREFIXES and argument:
-        return _PREFIXES[prefix]
-    raise LensError(f"unknown method '{spec}'; known methods: {', '.join(list_methods())}")
+    return _PREFIXES.get(prefix) if sep and argument else None
 
 
 def create_method(spec: str, *, model: str | None = None, **options: Any) -> Method:
