@@ -298,3 +298,31 @@ def test_report_names_methods_short_and_writes_no_absolute_paths(tmp_path, monke
             f"out {tmp_path}/work/eval; R@1/5/10, 1 - distance / bits, /no/such/path")
     assert portable(text, "../data/set") == ("gallery ../data/set/images; model hf:../weights, out eval; "
                                             "R@1/5/10, 1 - distance / bits, /no/such/path")
+
+
+@pytest.mark.parametrize("method", ["phash", "deep"])
+def test_a_ranking_an_index_cut_short_is_completed_in_exact_search_order(tmp_path, tiny_resnet, method):
+    """Regression: for k = the gallery size, FAISS HNSW32 returned 810 of clothing's 3,068 images, and
+    every image it left out counted as never found in the full-ranking mAP (EfficientNet 0.463, not 0.53)."""
+    from lens.evaluation.evaluate import complete_ranking
+    from lens.images import load_image
+
+    files = write_gallery(tmp_path / "g", 24)
+    spec = "phash" if method == "phash" else f"hf:{tiny_resnet}"
+    gallery = Gallery(tmp_path / "g", tmp_path / "idx")
+    gallery.index([spec], progress=False)
+    stored, searcher = gallery.open(spec), gallery.method(spec)
+    picture = load_image(files[3])
+    full = gallery.search(picture, spec, k=len(stored.items))  # 24 images: the default index is exact
+    assert len(full) == len(stored.items) == 24
+    own = full[-1].path  # left out, as the eval leaves out a query's own gallery image
+    cut = full[:5]  # what an approximate index cut short would have returned
+    paths, scores = complete_ranking([r.path for r in cut], [r.score for r in cut], stored, searcher,
+                                     picture, own, depth=23)
+    assert paths[:5] == [r.path for r in cut] and scores[:5] == [r.score for r in cut]
+    assert len(paths) == len(set(paths)) == 23 and own not in paths
+    assert set(paths) == {r.path for r in full} - {own}
+    tail = np.asarray(scores[5:])
+    assert (tail < min(scores[:5])).all() and (np.diff(tail) <= 0).all()  # below the ranked ones, best first
+    if method == "deep":  # distinct cosines: the very order of an exact search
+        assert paths == [r.path for r in full if r.path != own]

@@ -205,7 +205,7 @@ def evaluate_method(
 
     Every query is searched twice: once timed as a user's search (``k = SEARCH_K``), once for the
     ranking that is scored (the whole gallery, or its ``top`` results), with the query's own gallery
-    image left out. Times are wall-clock (``time.perf_counter``), after one warm-up search.
+    image left out; where the index returns fewer, :func:`complete_ranking` adds the rest in exact order. Times are wall-clock (``time.perf_counter``), after one warm-up search.
 
     Raises what indexing and searching raise (:class:`LensError` and its kinds, e.g. an unknown method,
     a model that cannot load, no readable gallery image); ``lens eval`` records it as a failed method.
@@ -229,12 +229,15 @@ def evaluate_method(
         results = gallery.search(picture, method, k=depth + (1 if own else 0))
         kept = [r for r in results if r.path != own][:depth]
         kinds.update(r.kind for r in kept[:SAMPLE_DEPTH])
+        paths, scores = [r.path for r in kept], [r.score for r in kept]
+        if len(paths) < depth:  # an approximate index returned fewer: the rest in exact-search order
+            paths, scores = complete_ranking(paths, scores, stored, searcher, picture, own, depth)
         relevant = dataset.relevant[query.path]
         rankings.append(Ranking(
             query=str(query.path), ids=[r.path for r in kept[:SAMPLE_DEPTH]],
             labels=[r.score_text for r in kept[:SAMPLE_DEPTH]],
-            scores=np.fromiter((r.score for r in kept), np.float64, len(kept)),
-            relevant=np.fromiter((r.path in relevant for r in kept), bool, len(kept)),
+            scores=np.asarray(scores, np.float64),
+            relevant=np.fromiter((path in relevant for path in paths), bool, len(paths)),
             n_relevant=len(relevant), seconds=seconds,
         ))
     aps = [average_precision(r.relevant, r.scores, r.n_relevant) for r in rankings]
@@ -255,6 +258,38 @@ def evaluate_method(
         model=info.model, weights=info.weights, score_kind=_score_kind(searcher, kinds),
         data_seen=data_seen, rankings=rankings,
     )
+
+
+def complete_ranking(paths: list[str], scores: list[float], stored: Any, searcher: Any, picture: Any,
+                     own: str | None, depth: int) -> tuple[list[str], list[float]]:
+    """Extend a search's ranking (``paths``, best first, with their ``scores``) to ``depth`` images.
+
+    An approximate index (FAISS HNSW, Annoy) returns fewer than k results when k is near the gallery
+    size (HNSW32 gave 810 of 3,068 on clothing), and an image it never returns would count as never
+    found, understating mAP over the full ranking. The images not yet ranked follow in exact-search
+    order over the method's stored vectors (``exact_top``), scored strictly below the last ranked one
+    (their order and ties kept), ``own`` (the query's own gallery image) left out. Methods without a
+    vector index or an exact metric keep their ranking as it is. Returns new lists; raises what
+    ``searcher.embed`` raises.
+    """
+    info = searcher.info
+    if stored.index is None or info.metric not in ("cosine", "hamming"):
+        return paths, scores
+    ranked = set(paths) | {own}
+    query = searcher.embed([picture])
+    order = exact_top(stored.vectors, query, info.metric, len(stored.items))[0]
+    rest = [i for i in order if stored.items[i].path not in ranked][: depth - len(paths)]
+    if not rest:
+        return paths, scores
+    if info.metric == "cosine":
+        exact = np.asarray(stored.vectors, np.float32)[rest] @ np.asarray(query, np.float32)[0]
+    else:  # minus the Hamming distance, on bits
+        bits = [np.unpackbits(np.asarray(a, np.uint8), axis=-1) if np.asarray(a).dtype == np.uint8 else np.asarray(a)
+                for a in (np.asarray(stored.vectors)[rest], np.asarray(query)[0])]
+        exact = -(bits[0] != bits[1][None, :]).sum(axis=1)
+    last = min(scores) if scores else 0.0
+    tail = np.asarray(exact, np.float64) - float(exact[0]) + last - 1e-6
+    return [*paths, *(stored.items[i].path for i in rest)], [*scores, *tail.tolist()]
 
 
 def _score_kind(method: object, kinds: set[str]) -> str:

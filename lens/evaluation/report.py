@@ -296,7 +296,8 @@ Machine: {hardware['cpu']}, {hardware['cores']} cores, torch threads {hardware['
 
 - **mAP**: non-interpolated average precision over {depth} of the {indexed} indexed images, averaged over
   the queries that have at least one relevant gallery image; tied scores count as the expected value over
-  their orders. A query is never counted as its own result; distractors are never relevant.
+  their orders. A query is never counted as its own result; distractors are never relevant. Where an
+  approximate index returns fewer images than asked, the rest follow in exact-search order.
 - **R@k**: fraction of queries with at least one relevant image in the top k.
 - **query ms p50**: one query at a time through the public search path, 10 results (decode excluded;
   embedding, index search and any re-ranking included). **embed ms/img**: batched, while building the index.
