@@ -167,24 +167,28 @@ def eval_gallery(dataset: Dataset, work: Path, *, distractors: Mapping[str, Path
                    files=files, learn_from=dataset.gallery)
 
 
-def exact_top(vectors: np.ndarray, queries: np.ndarray, metric: str, k: int) -> np.ndarray:
-    """Row ids of the exact top-k by brute force (the reference for approximate indexes): ``(q, min(k, n))``
-    int64, best first.
-
-    ``vectors`` ``(n, d)`` and ``queries`` ``(q, d)``: float32 for ``cosine`` (unit rows: the inner
-    product is the cosine), uint8 packed bits or 0/1 rows for ``hamming``. Raises ``ValueError`` for
-    another metric.
-    """
+def exact_similarities(vectors: np.ndarray, queries: np.ndarray, metric: str) -> np.ndarray:
+    """Brute-force similarities, ``(q, n)``, higher = more alike: the inner product for ``cosine`` (unit
+    float32 rows: it is the cosine), minus the Hamming distance in bits for ``hamming`` (uint8 packed
+    bits or 0/1 rows). ``vectors`` ``(n, d)``, ``queries`` ``(q, d)``. Raises ``ValueError`` for another
+    metric."""
     vectors, queries = np.asarray(vectors), np.asarray(queries)
     if metric == "cosine":
-        similarity = queries.astype(np.float32) @ vectors.astype(np.float32).T
-    elif metric == "hamming":
+        return queries.astype(np.float32) @ vectors.astype(np.float32).T
+    if metric == "hamming":
         a = np.unpackbits(queries.astype(np.uint8), axis=1) if queries.dtype == np.uint8 else queries
         b = np.unpackbits(vectors.astype(np.uint8), axis=1) if vectors.dtype == np.uint8 else vectors
-        similarity = -(a[:, None, :] != b[None, :, :]).sum(axis=2)
-    else:
-        raise ValueError(f"no exact search for metric {metric}")
-    k = min(k, vectors.shape[0])
+        return -(a[:, None, :] != b[None, :, :]).sum(axis=2)
+    raise ValueError(f"no exact search for metric {metric}")
+
+
+def exact_top(vectors: np.ndarray, queries: np.ndarray, metric: str, k: int) -> np.ndarray:
+    """Row ids of the exact top-k by brute force (the reference for approximate indexes): ``(q, min(k, n))``
+    int64, best first; arguments as :func:`exact_similarities`, which raises ``ValueError`` for an
+    unknown metric.
+    """
+    similarity = exact_similarities(vectors, queries, metric)
+    k = min(k, similarity.shape[1])
     top = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
     order = np.take_along_axis(similarity, top, axis=1).argsort(axis=1)[:, ::-1]
     return np.take_along_axis(top, order, axis=1)
@@ -267,7 +271,7 @@ def complete_ranking(paths: list[str], scores: list[float], stored: Any, searche
     An approximate index (FAISS HNSW, Annoy) returns fewer than k results when k is near the gallery
     size (HNSW32 gave 810 of 3,068 on clothing), and an image it never returns would count as never
     found, understating mAP over the full ranking. The images not yet ranked follow in exact-search
-    order over the method's stored vectors (``exact_top``), scored strictly below the last ranked one
+    order over the method's stored vectors (:func:`exact_similarities`), scored strictly below the last ranked one
     (their order and ties kept), ``own`` (the query's own gallery image) left out. Methods without a
     vector index or an exact metric keep their ranking as it is. Returns new lists; raises what
     ``searcher.embed`` raises.
@@ -276,17 +280,12 @@ def complete_ranking(paths: list[str], scores: list[float], stored: Any, searche
     if stored.index is None or info.metric not in ("cosine", "hamming"):
         return paths, scores
     ranked = set(paths) | {own}
-    query = searcher.embed([picture])
-    order = exact_top(stored.vectors, query, info.metric, len(stored.items))[0]
-    rest = [i for i in order if stored.items[i].path not in ranked][: depth - len(paths)]
+    similarity = exact_similarities(stored.vectors, searcher.embed([picture]), info.metric)[0]
+    rest = [int(i) for i in np.argsort(-similarity, kind="stable")
+            if stored.items[i].path not in ranked][: depth - len(paths)]
     if not rest:
         return paths, scores
-    if info.metric == "cosine":
-        exact = np.asarray(stored.vectors, np.float32)[rest] @ np.asarray(query, np.float32)[0]
-    else:  # minus the Hamming distance, on bits
-        bits = [np.unpackbits(np.asarray(a, np.uint8), axis=-1) if np.asarray(a).dtype == np.uint8 else np.asarray(a)
-                for a in (np.asarray(stored.vectors)[rest], np.asarray(query)[0])]
-        exact = -(bits[0] != bits[1][None, :]).sum(axis=1)
+    exact = similarity[rest]
     last = min(scores) if scores else 0.0
     tail = np.asarray(exact, np.float64) - float(exact[0]) + last - 1e-6
     return [*paths, *(stored.items[i].path for i in rest)], [*scores, *tail.tolist()]
