@@ -77,6 +77,13 @@ def _choices(boxes: Sequence[Box], region: Box | None = None) -> list[str]:
     return [WHOLE] + [f"{i + 1} · {box.label} ({box.score:.2f})" for i, box in enumerate(boxes)] + mine
 
 
+def _chosen(boxes: Sequence[Box], region: Box | None, choice: str) -> tuple[str, dict]:
+    """The Subject ``choice`` twice: for the page's state (what searches read) and for the menu (what
+    people see). Searches read the state, kept on the server: it changes in the same event as the photo
+    and its boxes, where the menu's value, sent by the browser, could be the previous photo's."""
+    return choice, gr.update(choices=_choices(boxes, region), value=choice)
+
+
 def _region_choice(region: Box) -> str:
     return f"{REGION}{region.label}: {_corners(region)}"
 
@@ -247,8 +254,9 @@ class Handlers:
     # -- UI events (private: the page's own) ------------------------------------------------------------
     @readable
     def on_photo(self, photo: Image.Image | str | None, detector: str, threshold: float):
-        """A new photo (or detector settings): (photo, boxes, region, Subject, view, hint)."""
-        empty = (None, [], None, gr.update(choices=[WHOLE], value=WHOLE), None, HINT)
+        """A new photo (or detector settings): (photo, boxes, region, Subject chosen, Subject menu, view,
+        hint)."""
+        empty = (None, [], None, *_chosen([], None, WHOLE), None, HINT)
         if photo is None:
             return empty
         try:
@@ -268,7 +276,7 @@ class Handlers:
             found = f"{len(boxes)} object{'s' if len(boxes) > 1 else ''} found. "
         main = self.service.main_subject_index(boxes, image.size)
         subject = _choices(boxes)[main + 1] if main is not None else WHOLE
-        return (image, boxes, None, gr.update(choices=_choices(boxes), value=subject),
+        return (image, boxes, None, *_chosen(boxes, None, subject),
                 draw_boxes(image, boxes, main), found + HINT)
 
     def on_upload(self, photo: Image.Image | str | None, detector: str, threshold: float, request: gr.Request):
@@ -285,15 +293,15 @@ class Handlers:
         return self.on_photo(photo, detector, threshold)
 
     def on_click(self, image: Image.Image | None, boxes: list[Box], region: Box | None, event: gr.SelectData):
-        """A click on the photo: (region, Subject, hint). Picks the smallest box under the click, or
-        the area around the click."""
+        """A click on the photo: (region, Subject chosen, Subject menu, hint). Picks the smallest box
+        under the click, or the area around the click."""
         if image is None:
-            return region, gr.skip(), gr.skip()
+            return region, gr.skip(), gr.skip(), gr.skip()
         x, y = (float(v) for v in event.index)
         hit, box = self.service.subject_at(boxes, x, y, image.size)
         if hit is not None:
-            return region, gr.update(choices=_choices(boxes, region), value=_choices(boxes)[hit + 1]), HINT
-        return (box, gr.update(choices=_choices(boxes, box), value=_region_choice(box)),
+            return region, *_chosen(boxes, region, _choices(boxes)[hit + 1]), HINT
+        return (box, *_chosen(boxes, box, _region_choice(box)),
                 f"No detected object at ({x:.0f}, {y:.0f}): searching the region around the click "
                 f"({_corners(box)}). To drag your own region, or resize this one, choose **{ADJUST}**.")
 
@@ -307,15 +315,16 @@ class Handlers:
                 _xyxy(shown), ADJUST_HINT)
 
     def on_adjust(self, image: Image.Image | None, boxes: list[Box], edited: list, value: dict | None):
-        """A release in the box editor: (region, the editor's boxes, Subject, hint, searched?). The
+        """A release in the box editor: (region, the editor's boxes, Subject chosen, Subject menu, hint,
+        searched?). The
         box drawn, moved or resized (:func:`lens.images.changed_box`) becomes the region searched;
         a release that changed nothing (a click, a box just started or removed) searches nothing."""
         after = _xyxy((value or {}).get("boxes") or [])
         changed = changed_box(edited or [], after) if image is not None else None
         if changed is None:
-            return gr.skip(), after, gr.skip(), gr.skip(), False
+            return gr.skip(), after, gr.skip(), gr.skip(), gr.skip(), False
         region = self.service.region(changed, image.size)
-        return (region, after, gr.update(choices=_choices(boxes, region), value=_region_choice(region)),
+        return (region, after, *_chosen(boxes, region, _region_choice(region)),
                 f"Your region {_corners(region)} is searched. " + ADJUST_HINT, True)
 
     def after_adjust(self, searched: bool, *search: Any):
@@ -326,7 +335,7 @@ class Handlers:
 
     @readable
     def on_region(self, image: Image.Image | None, boxes: list[Box], text: str):
-        """Corners typed as ``x1, y1, x2, y2``: (region, Subject, hint)."""
+        """Corners typed as ``x1, y1, x2, y2``: (region, Subject chosen, Subject menu, hint)."""
         if image is None:
             raise LensError("Upload a photo first.")
         try:
@@ -334,7 +343,7 @@ class Handlers:
         except ValueError:
             raise LensError(f"a region is four numbers x1, y1, x2, y2 in pixels, got '{text}'") from None
         region = self.service.region(corners, image.size)
-        return (region, gr.update(choices=_choices(boxes, region), value=_region_choice(region)),
+        return (region, *_chosen(boxes, region, _region_choice(region)),
                 f"Your region {_corners(region)} is searched.")
 
     @readable
@@ -494,6 +503,7 @@ def build_app(service: LensService, examples: Sequence[str] | None = None) -> gr
         edited = gr.State([])  # the box editor's boxes at its last release, (x1, y1, x2, y2) each
         searched = gr.State(False)  # whether that release drew or changed a box
         found = gr.State([])
+        chosen = gr.State(WHOLE)  # the Subject chosen: what searches read (see _chosen)
         with gr.Row(equal_height=False):
             with gr.Column(scale=5, min_width=300):
                 upload = photo_input(label="Your photo", type="pil", sources=["upload", "clipboard", "webcam"],
@@ -555,9 +565,9 @@ def build_app(service: LensService, examples: Sequence[str] | None = None) -> gr
                     status = gr.Markdown(status_markdown(service), elem_id="lens-status")
         timer = gr.Timer(2.0)
 
-        search_inputs = [original, boxes, region, subject, method, k, words, text_weight]
+        search_inputs = [original, boxes, region, chosen, method, k, words, text_weight]
         search_outputs = [view, crop, exact, results, info, found, corners, opened]
-        photo_outputs = [original, boxes, region, subject, view, hint]
+        photo_outputs = [original, boxes, region, chosen, subject, view, hint]
         tool_io = ([tool, original, boxes, region], [view, editor, edited, hint])
         quiet: dict[str, Any] = {"api_visibility": "private"}
         # a new photo: the previous photo's toasts go (they would be stale)
@@ -569,24 +579,26 @@ def build_app(service: LensService, examples: Sequence[str] | None = None) -> gr
             redetect = trigger(on.on_photo, [original, detector, threshold], photo_outputs, concurrency_limit=2, **quiet)
             redetect.then(on.on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)
             redetect.then(on.on_tool, *tool_io, **quiet)
-        view.select(on.on_click, [original, boxes, region], [region, subject, hint], show_progress="minimal", **quiet
+        view.select(on.on_click, [original, boxes, region], [region, chosen, subject, hint], show_progress="minimal", **quiet
                     ).then(on.on_search, search_inputs, search_outputs, concurrency_limit=4, show_progress="minimal",
                            **quiet)
         tool.change(on.on_tool, *tool_io, **quiet)
         # each release of a drag in the box editor (its change event); the latest one wins
-        editor.change(on.on_adjust, [original, boxes, edited, editor], [region, edited, subject, hint, searched],
+        editor.change(on.on_adjust, [original, boxes, edited, editor], [region, edited, chosen, subject, hint, searched],
                       trigger_mode="always_last", show_progress="hidden", **quiet
                       ).then(on.after_adjust, [searched, *search_inputs], search_outputs, concurrency_limit=4,
                              show_progress="minimal", **quiet)
-        corners.submit(on.on_region, [original, boxes, corners], [region, subject, hint], **quiet
+        corners.submit(on.on_region, [original, boxes, corners], [region, chosen, subject, hint], **quiet
                        ).success(on.on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)
-        for trigger in (subject.input, method.change, k.submit, words.submit, text_weight.release):
+        subject.input(lambda choice: choice, subject, chosen, **quiet
+                      ).then(on.on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)
+        for trigger in (method.change, k.submit, words.submit, text_weight.release):
             trigger(on.on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)
         method.change(on.on_method, method, method, **quiet)
         open_outputs = [opened, opened_image, download, opened_note]
         exact.select(on.on_open_exact, found, open_outputs, **quiet)
         results.select(on.on_open_similar, found, open_outputs, **quiet)
-        compare_button.click(on.on_compare, [original, boxes, region, subject, k], [table, *compare_galleries],
+        compare_button.click(on.on_compare, [original, boxes, region, chosen, k], [table, *compare_galleries],
                              concurrency_limit=2, **quiet)
         timer.tick(on.on_status, method, [status, method, k, timer], **quiet)
         demo.load(on.on_load, method, [method, status, k], **quiet)
