@@ -68,6 +68,7 @@ CSS = """
 #lens-view img { max-height: 420px; }
 @media (max-width: 640px) { #lens-view img { max-height: 360px; } }
 #lens-annotate canvas { touch-action: none; }  /* a finger drags the box, not the page */
+#lens-annotate button[aria-label^="Rotate"] { display: none; }  /* the photo is searched as it is */
 """
 
 
@@ -316,14 +317,17 @@ class Handlers:
 
     def on_adjust(self, image: Image.Image | None, boxes: list[Box], edited: list, value: dict | None):
         """A release in the box editor: (region, the editor's boxes, Subject chosen, Subject menu, hint,
-        searched?). The
-        box drawn, moved or resized (:func:`lens.images.changed_box`) becomes the region searched;
-        a release that changed nothing (a click, a box just started or removed) searches nothing."""
+        searched?). The box drawn, moved or resized (:func:`lens.images.changed_box`) becomes the
+        region searched; a release that changed nothing (a click, a box just started or removed), or a
+        box wholly beside the photo, searches nothing."""
         after = _xyxy((value or {}).get("boxes") or [])
         changed = changed_box(edited or [], after) if image is not None else None
         if changed is None:
             return gr.skip(), after, gr.skip(), gr.skip(), gr.skip(), False
-        region = self.service.region(changed, image.size)
+        try:
+            region = self.service.region(changed, image.size)
+        except ImageError as exc:  # drawn in the margin beside the photo
+            return gr.skip(), after, gr.skip(), gr.skip(), f"Nothing searched: {exc}. " + ADJUST_HINT, False
         return (region, after, *_chosen(boxes, region, _region_choice(region)),
                 f"Your region {_corners(region)} is searched. " + ADJUST_HINT, True)
 

@@ -347,6 +347,10 @@ def test_a_click_outside_every_box_and_a_drawn_or_adjusted_region_are_searched(s
     resized = [drawn[0], {**drawn[1], "xmax": x2 + 10, "ymax": y2 - 5}, *drawn[2:]]
     region, edited, subject, menu, hint, again = on.on_adjust(image, boxes, edited, {"boxes": resized})
     assert again is True and region.xyxy == (x1, y1, x2 + 10, y2 - 5)
+    # a box drawn in the margin beside the photo: said so, nothing searched
+    beside = [{"xmin": -60, "ymin": 5, "xmax": -20, "ymax": 40}, *resized]
+    _, edited, _, _, hint, again = on.on_adjust(image, boxes, edited, {"boxes": beside})
+    assert again is False and edited == app._xyxy(beside) and "outside" in hint
     shown, editor, edited, hint = on.on_tool(app.PICK, image, boxes, region)
     assert shown["visible"] and editor["visible"] is False and edited == []
     region, *_ = on.on_region(image, boxes, "70, 80, 20, 30")

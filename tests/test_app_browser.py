@@ -177,20 +177,29 @@ def _no_horizontal_overflow(page) -> None:
     assert width <= inner, f"the page is {width} px wide in a {inner} px window"
 
 
-def _drag(page, start: tuple[float, float], end: tuple[float, float]) -> None:
-    """Press at ``start``, move to ``end`` in steps and release (screen pixels), as a hand would."""
+def _drag(page, start: tuple[float, float], end: tuple[float, float], touch: bool = False) -> None:
+    """Press at ``start``, move to ``end`` in steps and release (screen pixels), as a hand would: with
+    the mouse, or with a finger (touch events through the DevTools protocol; Playwright has no touch drag)."""
+    path = [(start[0] + (end[0] - start[0]) * step / 8, start[1] + (end[1] - start[1]) * step / 8)
+            for step in range(1, 9)]
+    if touch:
+        cdp = page.context.new_cdp_session(page)
+        for kind, points in [("touchStart", [start]), *[("touchMove", [p]) for p in path], ("touchEnd", [])]:
+            cdp.send("Input.dispatchTouchEvent", {"type": kind, "touchPoints": [{"x": x, "y": y} for x, y in points]})
+        cdp.detach()
+        return
     page.mouse.move(*start)
     page.mouse.down()
-    for step in range(1, 9):
-        page.mouse.move(start[0] + (end[0] - start[0]) * step / 8, start[1] + (end[1] - start[1]) * step / 8)
+    for point in path:
+        page.mouse.move(*point)
     page.mouse.up()
 
 
 def test_any_region_is_searched_a_result_opens_and_every_width_fits(app_url):
     """A click outside every detected box searches the area around it; in *Draw or adjust*, a region
-    dragged with the mouse over what the detector did not find is searched, and so is the cup's box
-    resized by its corner handle; a result opens; the search and compare tabs fit 390, 768 and 1400 px
-    (screenshots: artifacts/app-*-390.png, artifacts/app-*-1400.png)."""
+    dragged with the mouse (a finger at 390 px) over what the detector did not find is searched, and
+    so is the cup's box resized by its corner handle; a result opens; the search and compare tabs fit
+    390, 768 and 1400 px (screenshots: artifacts/app-*-390.png, artifacts/app-*-1400.png)."""
     from gradio_client import handle_file
     from playwright.sync_api import expect, sync_playwright
 
@@ -204,7 +213,7 @@ def test_any_region_is_searched_a_result_opens_and_every_width_fits(app_url):
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
                                     args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
         for screen in (1400, 768, 390):
-            page = browser.new_page(viewport={"width": screen, "height": 1000})
+            page = browser.new_page(viewport={"width": screen, "height": 1000}, has_touch=screen == 390)
             page.goto(url)
             page.locator("#lens-upload input[type=file]").set_input_files(str(EXAMPLE))
             view, info = "#lens-view img", page.locator("#lens-info")
@@ -226,9 +235,10 @@ def test_any_region_is_searched_a_result_opens_and_every_width_fits(app_url):
             expect(page.locator(view)).to_be_hidden()
             expect(page.locator("#lens-hint")).to_contain_text("press, drag and release", timeout=30_000)
             page.locator("#lens-annotate").get_by_role("button", name="Create box").click()
-            # (dragged from its top-right corner down and left; its corners stay clear of the cup's handles)
+            # (dragged from its top-right corner down and left, by a finger on a phone; its corners stay
+            # clear of the cup's handles)
             _drag(page, _image_point(page, editor, 560, 30, (width, height)),
-                  _image_point(page, editor, 440, 250, (width, height)))
+                  _image_point(page, editor, 440, 250, (width, height)), touch=screen == 390)
             corners = r"4[34]\d, [23]\d, 5[56]\d, (24|25)\d"  # 440, 30, 560, 250 give or take a screen pixel
             expect(checked).to_have_value(re.compile(r"^✎ your region: " + corners), timeout=30_000)
             expect(info).to_contain_text(re.compile(rf"results for your region \({corners}\)"), timeout=60_000)
