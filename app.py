@@ -45,9 +45,20 @@ ADJUST = "Draw or adjust a region"
 HINT = (f"Click a box to search it, or anywhere else to search the area around the click. "
         f"To drag a region yourself, or move and resize a box, choose **{ADJUST}**; or type its corners "
         f"under *Region in pixels*.")
-ADJUST_HINT = ("**Draw** (the box button under the photo, or key C): press, drag and release over what you want "
-               "searched. **Move or resize** (the hand button, or key D): drag a box, or its corner and edge "
+ADJUST_HINT = ("**Draw** (the box button under the photo, or key C; it opens so): press, drag and release over "
+               "what you want searched. **Move or resize** (the hand button, or key D): drag a box, or its corner and edge "
                "handles. Each release searches that region.")
+#: On opening *Draw or adjust*, the editor starts in its Draw mode (it would start in its Move mode,
+#: where a drag beside the boxes pans the photo): its own "Create box" button, once it is shown.
+DRAW_FIRST = f"""(tool) => {{
+    if (tool !== {ADJUST!r}) return;
+    const start = Date.now();
+    const press = () => {{
+        const button = document.querySelector('#lens-annotate button[aria-label="Create box"]');
+        if (button) button.click(); else if (Date.now() - start < 5000) setTimeout(press, 100);
+    }};
+    press();
+}}"""
 CSS = """
 #lens-view img { cursor: crosshair; }
 .lens-note { color: var(--body-text-color-subdued); font-size: 0.9em; }
@@ -586,7 +597,7 @@ def build_app(service: LensService, examples: Sequence[str] | None = None) -> gr
         view.select(on.on_click, [original, boxes, region], [region, chosen, subject, hint], show_progress="minimal", **quiet
                     ).then(on.on_search, search_inputs, search_outputs, concurrency_limit=4, show_progress="minimal",
                            **quiet)
-        tool.change(on.on_tool, *tool_io, **quiet)
+        tool.change(on.on_tool, *tool_io, **quiet).then(None, tool, None, js=DRAW_FIRST, **quiet)
         # each release of a drag in the box editor (its change event); the latest one wins
         editor.change(on.on_adjust, [original, boxes, edited, editor], [region, edited, chosen, subject, hint, searched],
                       trigger_mode="always_last", show_progress="hidden", **quiet

@@ -234,7 +234,8 @@ def test_any_region_is_searched_a_result_opens_and_every_width_fits(app_url):
             expect(page.locator(editor)).to_be_visible(timeout=30_000)
             expect(page.locator(view)).to_be_hidden()
             expect(page.locator("#lens-hint")).to_contain_text("press, drag and release", timeout=30_000)
-            page.locator("#lens-annotate").get_by_role("button", name="Create box").click()
+            mode = page.locator("#lens-annotate").get_by_role("button", name="Create box")
+            expect(mode).to_have_class(re.compile(r"\bselected\b"), timeout=30_000)  # it opens in Draw mode
             # (dragged from its top-right corner down and left, by a finger on a phone; its corners stay
             # clear of the cup's handles)
             _drag(page, _image_point(page, editor, 560, 30, (width, height)),
@@ -247,7 +248,9 @@ def test_any_region_is_searched_a_result_opens_and_every_width_fits(app_url):
                 page.screenshot(path=str(ARTIFACTS / "app-drawn-390.png"), full_page=True)
 
             # the cup's box resized by its bottom-right handle, 30 px right and 20 px down: that is searched
-            page.locator("#lens-annotate").get_by_role("button", name="Drag boxes").click()
+            move = page.locator("#lens-annotate").get_by_role("button", name="Drag boxes")
+            move.click()
+            expect(move).to_have_class(re.compile(r"\bselected\b"))
             _drag(page, _image_point(page, editor, cup[2], cup[3], (width, height)),
                   _image_point(page, editor, cup[2] + 30, cup[3] + 20, (width, height)))
             resized = [round(v) for v in (cup[0], cup[1], cup[2] + 30, cup[3] + 20)]
