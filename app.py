@@ -603,8 +603,9 @@ def build_app(service: LensService, examples: Sequence[str] | None = None) -> gr
                       trigger_mode="always_last", show_progress="hidden", **quiet
                       ).then(on.after_adjust, [searched, *search_inputs], search_outputs, concurrency_limit=4,
                              show_progress="minimal", **quiet)
-        corners.submit(on.on_region, [original, boxes, corners], [region, chosen, subject, hint], **quiet
-                       ).success(on.on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)
+        typed = corners.submit(on.on_region, [original, boxes, corners], [region, chosen, subject, hint], **quiet)
+        typed.success(on.on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)
+        typed.success(on.on_tool, *tool_io, **quiet)  # the box editor, when it is open, shows the typed region
         subject.input(lambda choice: choice, subject, chosen, **quiet
                       ).then(on.on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)
         for trigger in (method.change, k.submit, words.submit, text_weight.release):
