@@ -22,12 +22,13 @@ os.environ.setdefault("YOLO_OFFLINE", "1")  # never pip-install or phone home fr
 os.environ.setdefault("YOLO_AUTOINSTALL", "0")
 
 import gradio as gr  # noqa: E402
-from PIL import Image  # noqa: E402
+from gradio_image_annotation import image_annotator  # noqa: E402
+from PIL import Image, ImageColor  # noqa: E402
 
 from lens import Gallery, LensError, load_image  # noqa: E402
 from lens.detect import Box, list_detectors  # noqa: E402
-from lens.draw import draw_boxes  # noqa: E402
-from lens.images import MAX_BYTES, ImageError, check_box, display_path  # noqa: E402
+from lens.draw import PALETTE, draw_boxes  # noqa: E402
+from lens.images import MAX_BYTES, MIN_REGION, ImageError, changed_box, check_box, display_path  # noqa: E402
 from lens.methods import parse_models, short_name  # noqa: E402
 from lens.samples import write_sample_gallery  # noqa: E402
 from lens.search import AUTO, TEXT_WEIGHT  # noqa: E402
@@ -40,9 +41,24 @@ DEFAULT_METHODS = "vit,resnet50,local,sift,phash"
 WHOLE = "Whole image"
 REGION = "✎ "  #: the Subject choice of the user's own region starts with this
 PICK = "Click: a box, or the area around the click"
-DRAW = "Draw: click two opposite corners"
+ADJUST = "Draw or adjust a region"
 HINT = (f"Click a box to search it, or anywhere else to search the area around the click. "
-        f"To mark a region yourself choose **{DRAW.split(':')[0]}**, or type its corners under *Region in pixels*.")
+        f"To drag a region yourself, or move and resize a box, choose **{ADJUST}**; or type its corners "
+        f"under *Region in pixels*.")
+ADJUST_HINT = ("**Draw** (the box button under the photo, or key C; it opens so): press, drag and release over "
+               "what you want searched. **Move or resize** (the hand button, or key D): drag a box, or its corner and edge "
+               "handles. Each release searches that region.")
+#: On opening *Draw or adjust*, the editor starts in its Draw mode (it would start in its Move mode,
+#: where a drag beside the boxes pans the photo): its own "Create box" button, once it is shown.
+DRAW_FIRST = f"""(tool) => {{
+    if (tool !== {ADJUST!r}) return;
+    const start = Date.now();
+    const press = () => {{
+        const button = document.querySelector('#lens-annotate button[aria-label="Create box"]');
+        if (button) button.click(); else if (Date.now() - start < 5000) setTimeout(press, 100);
+    }};
+    press();
+}}"""
 CSS = """
 #lens-view img { cursor: crosshair; }
 .lens-note { color: var(--body-text-color-subdued); font-size: 0.9em; }
@@ -62,6 +78,8 @@ CSS = """
 #lens-view, #lens-view .image-container, #lens-view button, #lens-view .image-frame { height: auto !important; }
 #lens-view img { max-height: 420px; }
 @media (max-width: 640px) { #lens-view img { max-height: 360px; } }
+#lens-annotate canvas { touch-action: none; }  /* a finger drags the box, not the page */
+#lens-annotate button[aria-label^="Rotate"] { display: none; }  /* the photo is searched as it is */
 """
 
 
@@ -69,6 +87,13 @@ CSS = """
 def _choices(boxes: Sequence[Box], region: Box | None = None) -> list[str]:
     mine = [_region_choice(region)] if region is not None else []
     return [WHOLE] + [f"{i + 1} · {box.label} ({box.score:.2f})" for i, box in enumerate(boxes)] + mine
+
+
+def _chosen(boxes: Sequence[Box], region: Box | None, choice: str) -> tuple[str, dict]:
+    """The Subject ``choice`` twice: for the page's state (what searches read) and for the menu (what
+    people see). Searches read the state, kept on the server: it changes in the same event as the photo
+    and its boxes, where the menu's value, sent by the browser, could be the previous photo's."""
+    return choice, gr.update(choices=_choices(boxes, region), value=choice)
 
 
 def _region_choice(region: Box) -> str:
@@ -176,6 +201,36 @@ def photo_input(**options: Any) -> gr.Image:
     return widget
 
 
+def region_editor(**options: Any) -> image_annotator:
+    """The box editor of *Draw or adjust a region* (``gradio_image_annotation``): the photo with
+    the detected boxes and the user's region, each one movable and resizable by its handles, and new
+    ones drawn by dragging. Mouse, pen and touch (pointer events); it maps screen to image pixels.
+
+    Its value comes back to the server only as boxes: the photo is the one already decoded (its
+    ``preprocess`` would decode the image again on every release).
+    """
+    editor = image_annotator(**options)
+
+    def preprocess(payload: Any) -> dict | None:
+        return None if payload is None else {"boxes": editor.preprocess_boxes(payload.boxes)}
+
+    editor.preprocess = preprocess  # type: ignore[method-assign]
+    return editor
+
+
+def _editor_boxes(boxes: Sequence[Box], region: Box | None) -> list[dict]:
+    """The boxes the editor starts with: the detected ones, numbered and coloured as on the photo,
+    and the user's region (pixels rounded: the editor works in whole pixels)."""
+    shown = [(f"{i + 1} {box.label}", box, ImageColor.getrgb(PALETTE[i % len(PALETTE)])) for i, box in enumerate(boxes)]
+    shown += [(region.label, region, (255, 255, 255))] if region is not None else []
+    return [{"xmin": round(box.x1), "ymin": round(box.y1), "xmax": round(box.x2), "ymax": round(box.y2),
+             "label": label, "color": colour} for label, box, colour in shown]
+
+
+def _xyxy(boxes: Sequence[dict]) -> list[tuple[float, float, float, float]]:
+    return [(b["xmin"], b["ymin"], b["xmax"], b["ymax"]) for b in boxes]
+
+
 def _load(file: Any) -> Image.Image:
     """Decode an upload; errors name the file as the user knows it, never the server's temporary path."""
     path = file["path"] if isinstance(file, dict) else getattr(file, "path", file)
@@ -204,17 +259,16 @@ class Handlers:
                 gr.Warning(f"cannot show {display_path(r.path)}: {exc}", duration=8)
         return items
 
-    def _view(self, image: Image.Image, boxes: Sequence[Box], region: Box | None, subject: str | None,
-              corner: Sequence[float] | None = None) -> Image.Image:
+    def _view(self, image: Image.Image, boxes: Sequence[Box], region: Box | None, subject: str | None) -> Image.Image:
         box, selected = _subject(boxes, region, subject)
-        return draw_boxes(image, boxes, selected, region=box if box is not None and selected is None else None,
-                          marker=tuple(corner) if corner else None)
+        return draw_boxes(image, boxes, selected, region=box if box is not None and selected is None else None)
 
     # -- UI events (private: the page's own) ------------------------------------------------------------
     @readable
     def on_photo(self, photo: Image.Image | str | None, detector: str, threshold: float):
-        """A new photo (or detector settings): (photo, boxes, region, corner, Subject, view, hint)."""
-        empty = (None, [], None, None, gr.update(choices=[WHOLE], value=WHOLE), None, HINT)
+        """A new photo (or detector settings): (photo, boxes, region, Subject chosen, Subject menu, view,
+        hint)."""
+        empty = (None, [], None, *_chosen([], None, WHOLE), None, HINT)
         if photo is None:
             return empty
         try:
@@ -234,7 +288,7 @@ class Handlers:
             found = f"{len(boxes)} object{'s' if len(boxes) > 1 else ''} found. "
         main = self.service.main_subject_index(boxes, image.size)
         subject = _choices(boxes)[main + 1] if main is not None else WHOLE
-        return (image, boxes, None, None, gr.update(choices=_choices(boxes), value=subject),
+        return (image, boxes, None, *_chosen(boxes, None, subject),
                 draw_boxes(image, boxes, main), found + HINT)
 
     def on_upload(self, photo: Image.Image | str | None, detector: str, threshold: float, request: gr.Request):
@@ -250,32 +304,53 @@ class Handlers:
             raise gr.Error("the same upload again", visible=False, print_exception=False)
         return self.on_photo(photo, detector, threshold)
 
-    def on_click(self, image: Image.Image | None, boxes: list[Box], region: Box | None,
-                 corner: list[float] | None, tool: str, subject: str, event: gr.SelectData):
-        """A click on the photo: (region, corner, Subject, view, hint). Picks a box or the area around
-        the click; in Draw mode, the first click sets a corner and the second the opposite one."""
+    def on_click(self, image: Image.Image | None, boxes: list[Box], region: Box | None, event: gr.SelectData):
+        """A click on the photo: (region, Subject chosen, Subject menu, hint). Picks the smallest box
+        under the click, or the area around the click."""
         if image is None:
-            return region, None, gr.skip(), gr.skip(), gr.skip()
+            return region, gr.skip(), gr.skip(), gr.skip()
         x, y = (float(v) for v in event.index)
-        if tool == DRAW:
-            if corner is None:
-                return (region, [x, y], gr.skip(), self._view(image, boxes, region, subject, [x, y]),
-                        f"First corner at ({x:.0f}, {y:.0f}): now click the opposite corner.")
-            region = self.service.region((corner[0], corner[1], x, y), image.size)
-            choice = _region_choice(region)
-            return (region, None, gr.update(choices=_choices(boxes, region), value=choice), gr.skip(),
-                    f"Your region {_corners(region)} is searched. Click two corners again to draw another.")
         hit, box = self.service.subject_at(boxes, x, y, image.size)
         if hit is not None:
-            return region, None, gr.update(choices=_choices(boxes, region), value=_choices(boxes)[hit + 1]), gr.skip(), HINT
-        choice = _region_choice(box)
-        return (box, None, gr.update(choices=_choices(boxes, box), value=choice), gr.skip(),
+            return region, *_chosen(boxes, region, _choices(boxes)[hit + 1]), HINT
+        return (box, *_chosen(boxes, box, _region_choice(box)),
                 f"No detected object at ({x:.0f}, {y:.0f}): searching the region around the click "
-                f"({_corners(box)}). Adjust it under *Region in pixels*, or choose Draw.")
+                f"({_corners(box)}). To drag your own region, or resize this one, choose **{ADJUST}**.")
+
+    def on_tool(self, tool: str, image: Image.Image | None, boxes: list[Box], region: Box | None):
+        """The tool for the photo: (photo shown, box editor, the editor's boxes, hint). *Draw or adjust*
+        swaps the photo for the box editor, holding the detected boxes and the current region."""
+        if tool != ADJUST or image is None:
+            return gr.update(visible=True), gr.update(visible=False), [], gr.skip() if tool != ADJUST else HINT
+        shown = _editor_boxes(boxes, region)
+        return (gr.update(visible=False), gr.update(value={"image": image, "boxes": shown}, visible=True),
+                _xyxy(shown), ADJUST_HINT)
+
+    def on_adjust(self, image: Image.Image | None, boxes: list[Box], edited: list, value: dict | None):
+        """A release in the box editor: (region, the editor's boxes, Subject chosen, Subject menu, hint,
+        searched?). The box drawn, moved or resized (:func:`lens.images.changed_box`) becomes the
+        region searched; a release that changed nothing (a click, a box just started or removed), or a
+        box wholly beside the photo, searches nothing."""
+        after = _xyxy((value or {}).get("boxes") or [])
+        changed = changed_box(edited or [], after) if image is not None else None
+        if changed is None:
+            return gr.skip(), after, gr.skip(), gr.skip(), gr.skip(), False
+        try:
+            region = self.service.region(changed, image.size)
+        except ImageError as exc:  # drawn in the margin beside the photo
+            return gr.skip(), after, gr.skip(), gr.skip(), f"Nothing searched: {exc}. " + ADJUST_HINT, False
+        return (region, after, *_chosen(boxes, region, _region_choice(region)),
+                f"Your region {_corners(region)} is searched. " + ADJUST_HINT, True)
+
+    def after_adjust(self, searched: bool, *search: Any):
+        """The search after a release in the box editor, when it drew or changed a box."""
+        if not searched:
+            return tuple(gr.skip() for _ in range(8))
+        return self.on_search(*search)
 
     @readable
     def on_region(self, image: Image.Image | None, boxes: list[Box], text: str):
-        """Corners typed as ``x1, y1, x2, y2``: (region, corner, Subject, hint)."""
+        """Corners typed as ``x1, y1, x2, y2``: (region, Subject chosen, Subject menu, hint)."""
         if image is None:
             raise LensError("Upload a photo first.")
         try:
@@ -283,14 +358,8 @@ class Handlers:
         except ValueError:
             raise LensError(f"a region is four numbers x1, y1, x2, y2 in pixels, got '{text}'") from None
         region = self.service.region(corners, image.size)
-        return (region, None, gr.update(choices=_choices(boxes, region), value=_region_choice(region)),
+        return (region, *_chosen(boxes, region, _region_choice(region)),
                 f"Your region {_corners(region)} is searched.")
-
-    def after_click(self, corner: list[float] | None, *search: Any):
-        """The search after a click, unless the click was a region's first corner."""
-        if corner is not None:
-            return tuple(gr.skip() for _ in range(8))
-        return self.on_search(*search)
 
     @readable
     def on_search(self, image: Image.Image | None, boxes: list[Box], region: Box | None, subject: str,
@@ -440,14 +509,16 @@ def build_app(service: LensService, examples: Sequence[str] | None = None) -> gr
     # -- layout ------------------------------------------------------------------------------------
     with gr.Blocks(title="lens: find similar images") as demo:
         gr.Markdown(
-            f"# lens\nUpload a photo, **click the object** you are interested in (or any area, or draw a "
+            f"# lens\nUpload a photo, **click the object** you are interested in (or any area, or drag a "
             f"region), and find the most similar pictures in the gallery **{gallery.name}**."
         )
         original = gr.State(None)
         boxes = gr.State([])
         region = gr.State(None)
-        corner = gr.State(None)
+        edited = gr.State([])  # the box editor's boxes at its last release, (x1, y1, x2, y2) each
+        searched = gr.State(False)  # whether that release drew or changed a box
         found = gr.State([])
+        chosen = gr.State(WHOLE)  # the Subject chosen: what searches read (see _chosen)
         with gr.Row(equal_height=False):
             with gr.Column(scale=5, min_width=300):
                 upload = photo_input(label="Your photo", type="pil", sources=["upload", "clipboard", "webcam"],
@@ -459,9 +530,14 @@ def build_app(service: LensService, examples: Sequence[str] | None = None) -> gr
                     text_weight = gr.Slider(0.0, 1.0, value=TEXT_WEIGHT, step=0.05, label="Weight of the words",
                                             elem_id="lens-text-weight", scale=2, min_width=160,
                                             info="With a photo: 0 = the photo only, 1 = the words only.")
-                tool = gr.Radio([PICK, DRAW], value=PICK, label="On the photo", elem_id="lens-tool")
+                tool = gr.Radio([PICK, ADJUST], value=PICK, label="On the photo", elem_id="lens-tool")
                 view = gr.Image(show_label=False, interactive=False,  # no label badge over the boxes' tags
                                 elem_id="lens-view", height=420, buttons=["fullscreen"])
+                editor = region_editor(value=None, visible=False, show_label=False, elem_id="lens-annotate",
+                                       height=420, disable_edit_boxes=True, boxes_alpha=0.12, handle_size=14,
+                                       box_min_size=MIN_REGION, sources=[], image_type="filepath",
+                                       show_download_button=False, show_clear_button=False,
+                                       show_remove_button=False, use_default_label=True)
                 hint = gr.Markdown(HINT, elem_id="lens-hint", elem_classes="lens-note")
                 subject = gr.Radio([WHOLE], value=WHOLE, label="Subject", elem_id="lens-subject")
                 with gr.Accordion("Region in pixels", open=False):
@@ -504,33 +580,41 @@ def build_app(service: LensService, examples: Sequence[str] | None = None) -> gr
                     status = gr.Markdown(status_markdown(service), elem_id="lens-status")
         timer = gr.Timer(2.0)
 
-        search_inputs = [original, boxes, region, subject, method, k, words, text_weight]
+        search_inputs = [original, boxes, region, chosen, method, k, words, text_weight]
         search_outputs = [view, crop, exact, results, info, found, corners, opened]
-        photo_outputs = [original, boxes, region, corner, subject, view, hint]
+        photo_outputs = [original, boxes, region, chosen, subject, view, hint]
+        tool_io = ([tool, original, boxes, region], [view, editor, edited, hint])
         quiet: dict[str, Any] = {"api_visibility": "private"}
         # a new photo: the previous photo's toasts go (they would be stale)
         upload.change(None, js="() => document.querySelectorAll('.toast-close').forEach(b => b.click())", **quiet)
-        upload.change(on.on_upload, [upload, detector, threshold], photo_outputs, concurrency_limit=2, **quiet
-                      ).success(on.on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)
+        photo = upload.change(on.on_upload, [upload, detector, threshold], photo_outputs, concurrency_limit=2, **quiet)
+        photo.success(on.on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)
+        photo.success(on.on_tool, *tool_io, **quiet)  # the box editor, when it is open, gets the new photo
         for trigger in (detector.change, threshold.release):
-            trigger(on.on_photo, [original, detector, threshold], photo_outputs, concurrency_limit=2, **quiet
-                    ).then(on.on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)
-        # no full overlay on the photo while a click is handled: the next click (a region's second
-        # corner) must reach it
-        view.select(on.on_click, [original, boxes, region, corner, tool, subject], [region, corner, subject, view, hint],
-                    show_progress="minimal", **quiet
-                    ).then(on.after_click, [corner, *search_inputs], search_outputs, concurrency_limit=4,
-                           show_progress="minimal", **quiet)
-        corners.submit(on.on_region, [original, boxes, corners], [region, corner, subject, hint], **quiet
-                       ).success(on.on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)
-        tool.change(lambda: None, None, corner, **quiet)  # a half-drawn region is dropped
-        for trigger in (subject.input, method.change, k.submit, words.submit, text_weight.release):
+            redetect = trigger(on.on_photo, [original, detector, threshold], photo_outputs, concurrency_limit=2, **quiet)
+            redetect.then(on.on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)
+            redetect.then(on.on_tool, *tool_io, **quiet)
+        view.select(on.on_click, [original, boxes, region], [region, chosen, subject, hint], show_progress="minimal", **quiet
+                    ).then(on.on_search, search_inputs, search_outputs, concurrency_limit=4, show_progress="minimal",
+                           **quiet)
+        tool.change(on.on_tool, *tool_io, **quiet).then(None, tool, None, js=DRAW_FIRST, **quiet)
+        # each release of a drag in the box editor (its change event); the latest one wins
+        editor.change(on.on_adjust, [original, boxes, edited, editor], [region, edited, chosen, subject, hint, searched],
+                      trigger_mode="always_last", show_progress="hidden", **quiet
+                      ).then(on.after_adjust, [searched, *search_inputs], search_outputs, concurrency_limit=4,
+                             show_progress="minimal", **quiet)
+        typed = corners.submit(on.on_region, [original, boxes, corners], [region, chosen, subject, hint], **quiet)
+        typed.success(on.on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)
+        typed.success(on.on_tool, *tool_io, **quiet)  # the box editor, when it is open, shows the typed region
+        subject.input(lambda choice: choice, subject, chosen, **quiet
+                      ).then(on.on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)
+        for trigger in (method.change, k.submit, words.submit, text_weight.release):
             trigger(on.on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)
         method.change(on.on_method, method, method, **quiet)
         open_outputs = [opened, opened_image, download, opened_note]
         exact.select(on.on_open_exact, found, open_outputs, **quiet)
         results.select(on.on_open_similar, found, open_outputs, **quiet)
-        compare_button.click(on.on_compare, [original, boxes, region, subject, k], [table, *compare_galleries],
+        compare_button.click(on.on_compare, [original, boxes, region, chosen, k], [table, *compare_galleries],
                              concurrency_limit=2, **quiet)
         timer.tick(on.on_status, method, [status, method, k, timer], **quiet)
         demo.load(on.on_load, method, [method, status, k], **quiet)

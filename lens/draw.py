@@ -18,13 +18,13 @@ def _font(size: int) -> ImageFont.ImageFont:
 
 
 def draw_boxes(image: Image.Image, boxes: Sequence[Any], selected: int | None = None, *,
-               region: Any | None = None, marker: tuple[float, float] | None = None) -> Image.Image:
+               region: Any | None = None) -> Image.Image:
     """A copy of ``image`` with each box outlined and tagged ``N label score``.
 
     ``boxes`` are objects with x1, y1, x2, y2, label, score; box N is drawn with number N+1.
     The ``selected`` box is drawn thicker and the others are dimmed. ``region`` (a region the user
     drew or clicked around, same attributes) is drawn last, white on black, tagged with its label,
-    every box dimmed; ``marker`` (x, y) pixels: a cross where the user set a region's first corner.
+    every box dimmed.
     """
     canvas = image.convert("RGB").copy()
     width, height = canvas.size
@@ -56,12 +56,6 @@ def draw_boxes(image: Image.Image, boxes: Sequence[Any], selected: int | None = 
         y = region.y1 - tag_h if region.y1 - tag_h >= 0 else region.y1
         overlay.rectangle((x, y, x + tag_w, y + tag_h), fill="black")
         overlay.text((x + 3 - left, y + 3 - top), region.label, fill="white", font=font)
-    if marker is not None:
-        mx, my = marker
-        arm = line * 6
-        for colour, width_ in (("black", line * 3), ("white", line)):
-            overlay.line((mx - arm, my, mx + arm, my), fill=colour, width=width_)
-            overlay.line((mx, my - arm, mx, my + arm), fill=colour, width=width_)
     return canvas
 
 

@@ -375,6 +375,29 @@ def region_around(x: float, y: float, size: tuple[int, int], share: float = CLIC
                       label=f"region around ({x:.0f}, {y:.0f})")
 
 
+def changed_box(before: Sequence[Sequence[float]], after: Sequence[Sequence[float]],
+                tolerance: float = 0.5) -> tuple[float, float, float, float] | None:
+    """The box a user just drew, moved or resized in a box editor, found by comparing its boxes
+    before and after the edit (each ``(x1, y1, x2, y2)`` in pixels, in any order).
+
+    Boxes of ``after`` are matched one to one with equal boxes of ``before`` (every coordinate within
+    ``tolerance`` pixels); the first one left unmatched that has an area is returned, as floats.
+    ``None`` when nothing was drawn or changed: a click, a box removed, or a box just started (no
+    area yet). The editor may put a new box first or last; a drawn box's corners may come in any
+    order and lie partly outside the picture (:func:`fit_region` orders and clamps them).
+    """
+    unmatched = [tuple(float(v) for v in box) for box in before]
+    for box in after:
+        x1, y1, x2, y2 = (float(v) for v in box)
+        same = next((i for i, old in enumerate(unmatched)
+                     if all(abs(a - b) <= tolerance for a, b in zip(old, (x1, y1, x2, y2)))), None)
+        if same is not None:
+            del unmatched[same]
+        elif abs(x2 - x1) > tolerance and abs(y2 - y1) > tolerance:
+            return x1, y1, x2, y2
+    return None
+
+
 def crop(image: Image.Image, box: Box | Sequence[float] | None, margin: float = 0.0) -> Image.Image:
     """The region of ``image`` under ``box`` (a :class:`~lens.types.Box` or ``(x1, y1, x2, y2)`` in
     pixels); ``None`` keeps the whole image (the same object is returned).

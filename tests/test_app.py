@@ -116,8 +116,8 @@ def test_the_pages_upload_then_search_decodes_once_and_crops_once(served, monkey
     monkeypatch.setattr(lens.images, "_open", lambda *a, **kw: decodes.append(Path(a[0])) or decode(*a, **kw))
     monkeypatch.setattr(lens.images, "expand_box", lambda *a, **kw: crops.append(a[0]) or widen(*a, **kw))
     on = app.Handlers(service)
-    image, boxes, region, _, subject, _, _ = on.on_photo(str(EXAMPLE), "test-quadrants", 0.25)
-    view, shown, exact, results, note, *_ = on.on_search(image, boxes, region, subject["value"], "resnet50", 3)
+    image, boxes, region, subject, _, _, _ = on.on_photo(str(EXAMPLE), "test-quadrants", 0.25)
+    view, shown, exact, results, note, *_ = on.on_search(image, boxes, region, subject, "resnet50", 3)
     assert len(results) == 3 and "resnet50" in note
     assert decodes.count(EXAMPLE) == 1 and len(crops) == 1, (decodes, crops)
     assert shown.size != image.size  # the main subject was cropped, and that crop is what was searched
@@ -301,36 +301,81 @@ def test_status_says_a_failure_in_one_line_with_details_folded_and_names_are_sho
         ("auto", "auto"), ("efficientnet_lite0.in1k", "hf:../w/efficientnet_lite0.in1k")]
 
 
-def test_a_click_outside_every_box_and_a_drawn_region_are_searched(served):
-    """The page's click events: outside every box, a region around the click; Draw, two corners."""
+def test_a_click_outside_every_box_and_a_drawn_or_adjusted_region_are_searched(served):
+    """The page's photo events: outside every box, a region around the click; in the box editor, the
+    box drawn, moved or resized at each release (and nothing for a release that changed no box)."""
     import app
 
     _, service = served
     on = app.Handlers(service)
-    image, boxes, region, corner, subject, _, hint = on.on_photo(str(EXAMPLE), "test-quadrants", 0.25)
+    image, boxes, region, subject, menu, _, hint = on.on_photo(str(EXAMPLE), "test-quadrants", 0.25)
+    assert menu["value"] == subject and subject in menu["choices"]
     width, height = image.size
 
     class Click:  # what gr.SelectData carries for a click on the photo
         def __init__(self, x, y):
             self.index = (x, y)
 
-    region, corner, subject, _, hint = on.on_click(image, boxes, region, None, app.PICK, subject["value"],
-                                                   Click(width * 0.75, height * 0.9))  # under no box
-    assert corner is None and subject["value"].startswith(app.REGION + "region around") and "No detected object" in hint
-    view, crop, _, results, note, found, corners, _ = on.on_search(image, boxes, region, subject["value"], "resnet50", 3)
+    region, subject, menu, hint = on.on_click(image, boxes, region, Click(width * 0.75, height * 0.9))  # no box
+    assert menu["value"] == subject and subject.startswith(app.REGION + "region around") and "No detected object" in hint
+    view, crop, _, results, note, found, corners, _ = on.on_search(image, boxes, region, subject, "resnet50", 3)
     assert len(results) == 3 and "results for *region around" in note and crop.size < image.size
     assert [f["rank"] for f in found] == [1, 2, 3]
-    _, corner, _, _, hint = on.on_click(image, boxes, region, None, app.DRAW, subject["value"], Click(10, 20))
-    assert corner == [10, 20] and "opposite corner" in hint
-    assert on.after_click(corner, image, boxes, region, subject["value"], "resnet50", 3)[0] is not None  # skipped
-    region, corner, subject, _, _ = on.on_click(image, boxes, region, corner, app.DRAW, subject["value"], Click(60, 2))
-    assert corner is None and region.xyxy == (10, 2, 60, 20) and region.label == "your region"
-    *_, note, found, corners, opened = on.on_search(image, boxes, region, subject["value"], "resnet50", 2)
+
+    # Draw or adjust: the editor gets the photo, the detected boxes and the region, in whole pixels
+    shown, editor, edited, hint = on.on_tool(app.ADJUST, image, boxes, region)
+    assert shown["visible"] is False and editor["visible"] and editor["value"]["image"] is image
+    assert len(edited) == len(boxes) + 1 and edited[-1] == tuple(round(v) for v in region.xyxy)
+    assert [b["label"] for b in editor["value"]["boxes"][:2]] == [f"1 {boxes[0].label}", f"2 {boxes[1].label}"]
+    assert "drag" in hint
+    boxes_now = editor["value"]["boxes"]
+    # a release that changed nothing searches nothing
+    *_, again = on.on_adjust(image, boxes, edited, {"boxes": boxes_now})
+    assert again is False and on.after_adjust(again, image, boxes, region, subject, "resnet50", 2)[0] is not None
+    # a box dragged from (60, 20) up and left to (10, 2), put first by the editor: searched, ordered
+    drawn = [{"xmin": 60, "ymin": 20, "xmax": 10, "ymax": 2, "label": ""}, *boxes_now]
+    region, edited, subject, menu, hint, again = on.on_adjust(image, boxes, edited, {"boxes": drawn})
+    assert menu["value"] == subject == app.REGION + "your region: 10, 2, 60, 20"
+    assert again is True and region.xyxy == (10, 2, 60, 20) and region.label == "your region"
+    assert edited == app._xyxy(drawn) and "is searched" in hint
+    *_, note, found, corners, opened = on.after_adjust(again, image, boxes, region, subject, "resnet50", 2)
     assert "*your region* (10, 2, 60, 20)" in note and corners == "10, 2, 60, 20" and len(found) == 2
     shown, picture, download, caption = on.on_open(found, 1)
     assert shown["visible"] and Path(picture["value"]).is_file() and "#2" in caption
+    # the first detected box resized by its bottom-right handle: that box is searched
+    x1, y1, x2, y2 = edited[1]
+    resized = [drawn[0], {**drawn[1], "xmax": x2 + 10, "ymax": y2 - 5}, *drawn[2:]]
+    region, edited, subject, menu, hint, again = on.on_adjust(image, boxes, edited, {"boxes": resized})
+    assert again is True and region.xyxy == (x1, y1, x2 + 10, y2 - 5)
+    # a box drawn in the margin beside the photo: said so, nothing searched
+    beside = [{"xmin": -60, "ymin": 5, "xmax": -20, "ymax": 40}, *resized]
+    _, edited, _, _, hint, again = on.on_adjust(image, boxes, edited, {"boxes": beside})
+    assert again is False and edited == app._xyxy(beside) and "outside" in hint
+    shown, editor, edited, hint = on.on_tool(app.PICK, image, boxes, region)
+    assert shown["visible"] and editor["visible"] is False and edited == []
     region, *_ = on.on_region(image, boxes, "70, 80, 20, 30")
     assert region.xyxy == (20, 30, 70, 80)
+
+
+def test_searches_read_the_photo_and_its_subject_from_one_place(served):
+    """Regression: a search started while a new photo was being handled (the method menu filled in
+    at page load fires one) read the Subject menu's value the browser sent, still "Whole image", with
+    the new photo kept on the server, and searched the whole photo instead of the detected cup (the
+    browser test failed so under load). What a search reads of the photo (the photo, its boxes, the
+    region, the Subject chosen) is server-side state, changed together in one event; from the browser
+    only the method, k and the words."""
+    import app
+    import gradio as gr
+
+    _, service = served
+    demo = app.build_app(service)
+    searches = [fn for fn in demo.fns.values()
+                if getattr(fn.fn, "__name__", "") in ("on_search", "after_adjust", "on_compare")]
+    assert len(searches) >= 9  # the upload, detector settings, click, editor, corners, Subject, method, k, words...
+    browser = {"lens-method", "lens-k", "lens-text", "lens-text-weight"}
+    for fn in searches:
+        sent = [block.elem_id for block in fn.inputs if not isinstance(block, gr.State)]
+        assert set(sent) <= browser, (fn.fn.__name__, sent)
 
 
 def test_the_note_says_exact_matches_are_of_the_photo_and_similar_ones_of_the_subject():

@@ -177,21 +177,43 @@ def _no_horizontal_overflow(page) -> None:
     assert width <= inner, f"the page is {width} px wide in a {inner} px window"
 
 
+def _drag(page, start: tuple[float, float], end: tuple[float, float], touch: bool = False) -> None:
+    """Press at ``start``, move to ``end`` in steps and release (screen pixels), as a hand would: with
+    the mouse, or with a finger (touch events through the DevTools protocol; Playwright has no touch drag)."""
+    path = [(start[0] + (end[0] - start[0]) * step / 8, start[1] + (end[1] - start[1]) * step / 8)
+            for step in range(1, 9)]
+    if touch:
+        cdp = page.context.new_cdp_session(page)
+        for kind, points in [("touchStart", [start]), *[("touchMove", [p]) for p in path], ("touchEnd", [])]:
+            cdp.send("Input.dispatchTouchEvent", {"type": kind, "touchPoints": [{"x": x, "y": y} for x, y in points]})
+        cdp.detach()
+        return
+    page.mouse.move(*start)
+    page.mouse.down()
+    for point in path:
+        page.mouse.move(*point)
+    page.mouse.up()
+
+
 def test_any_region_is_searched_a_result_opens_and_every_width_fits(app_url):
-    """A click outside every detected box searches the area around it; two clicks in Draw mode search a
-    region the detector did not find; a result opens; the search and compare tabs fit 390, 768 and 1400 px
-    (screenshots: artifacts/app-*-390.png, artifacts/app-*-1400.png)."""
+    """A click outside every detected box searches the area around it; in *Draw or adjust*, a region
+    dragged with the mouse (a finger at 390 px) over what the detector did not find is searched, and
+    so is the cup's box resized by its corner handle; a result opens; the search and compare tabs fit
+    390, 768 and 1400 px (screenshots: artifacts/app-*-390.png, artifacts/app-*-1400.png)."""
+    from gradio_client import handle_file
     from playwright.sync_api import expect, sync_playwright
 
     url, _ = app_url
-    _ready(url)
+    detected = _ready(url).predict(handle_file(str(EXAMPLE)), "", 0.25, api_name="/detect")
+    cup = next(b["box"] for b in detected["boxes"] if b["label"] == "cup")
     ARTIFACTS.mkdir(exist_ok=True)
     width, height = 570, 380  # coffee.jpg; the detector's boxes end at x = 536 (dining table, cup, spoon)
+    assert tuple(detected["size"]) == (width, height)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
                                     args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
         for screen in (1400, 768, 390):
-            page = browser.new_page(viewport={"width": screen, "height": 1000})
+            page = browser.new_page(viewport={"width": screen, "height": 1000}, has_touch=screen == 390)
             page.goto(url)
             page.locator("#lens-upload input[type=file]").set_input_files(str(EXAMPLE))
             view, info = "#lens-view img", page.locator("#lens-info")
@@ -206,15 +228,38 @@ def test_any_region_is_searched_a_result_opens_and_every_width_fits(app_url):
             expect(info).to_contain_text(re.compile("results for region around " + near), timeout=60_000)
             expect(page.locator("#lens-results img")).to_have_count(8, timeout=30_000)
 
-            # Draw: two opposite corners around the saucer's right edge, which no box covers alone
-            page.locator("#lens-tool").get_by_text("Draw").click()
-            page.mouse.click(*_image_point(page, view, 380, 300, (width, height)))
-            expect(page.locator("#lens-hint")).to_contain_text("now click the opposite corner", timeout=30_000)
-            page.mouse.click(*_image_point(page, view, 560, 40, (width, height)))
-            corners = r"3[78]\d, [34]\d, 5[56]\d, (29|30)\d"  # 380, 40, 560, 300 give or take a screen pixel
+            # Draw or adjust: a region dragged over the saucer's right edge, which no box covers alone
+            page.locator("#lens-tool").get_by_text("Draw or adjust").click()
+            editor = "#lens-annotate canvas"
+            expect(page.locator(editor)).to_be_visible(timeout=30_000)
+            expect(page.locator(view)).to_be_hidden()
+            expect(page.locator("#lens-hint")).to_contain_text("press, drag and release", timeout=30_000)
+            mode = page.locator("#lens-annotate").get_by_role("button", name="Create box")
+            expect(mode).to_have_class(re.compile(r"\bselected\b"), timeout=30_000)  # it opens in Draw mode
+            # (dragged from its top-right corner down and left, by a finger on a phone; its corners stay
+            # clear of the cup's handles)
+            _drag(page, _image_point(page, editor, 560, 30, (width, height)),
+                  _image_point(page, editor, 440, 250, (width, height)), touch=screen == 390)
+            corners = r"4[34]\d, [23]\d, 5[56]\d, (24|25)\d"  # 440, 30, 560, 250 give or take a screen pixel
             expect(checked).to_have_value(re.compile(r"^✎ your region: " + corners), timeout=30_000)
             expect(info).to_contain_text(re.compile(rf"results for your region \({corners}\)"), timeout=60_000)
             expect(page.locator("#lens-results img")).to_have_count(8, timeout=30_000)
+            if screen == 390:
+                page.screenshot(path=str(ARTIFACTS / "app-drawn-390.png"), full_page=True)
+
+            # the cup's box resized by its bottom-right handle, 30 px right and 20 px down: that is searched
+            move = page.locator("#lens-annotate").get_by_role("button", name="Drag boxes")
+            move.click()
+            expect(move).to_have_class(re.compile(r"\bselected\b"))
+            _drag(page, _image_point(page, editor, cup[2], cup[3], (width, height)),
+                  _image_point(page, editor, cup[2] + 30, cup[3] + 20, (width, height)))
+            resized = [round(v) for v in (cup[0], cup[1], cup[2] + 30, cup[3] + 20)]
+            near = ", ".join(rf"({v - 2}|{v - 1}|{v}|{v + 1}|{v + 2})" for v in resized)  # a screen pixel or two
+            expect(checked).to_have_value(re.compile(r"^✎ your region: " + near), timeout=30_000)
+            expect(info).to_contain_text(re.compile(rf"results for your region \({near}\)"), timeout=60_000)
+            expect(page.locator("#lens-results img")).to_have_count(8, timeout=30_000)
+            if screen == 1400:
+                page.screenshot(path=str(ARTIFACTS / "app-resized-1400.png"), full_page=True)
 
             if screen == 1400:  # k: Enter searches; a whole number from 1 to the gallery's size
                 k = page.locator("#lens-k input")

@@ -223,3 +223,18 @@ def test_a_click_outside_every_box_searches_a_square_around_it_inside_the_pictur
     assert corner.xyxy == pytest.approx((640 - side, 0, 640, side))
     with pytest.raises(ImageError):
         region_around(700, 2, (640, 480))
+
+
+def test_the_box_a_user_drew_moved_or_resized_in_the_box_editor_is_found():
+    from lens.images import changed_box
+
+    cup, spoon = (100, 100, 300, 250), (310, 90, 400, 300)
+    assert changed_box([cup, spoon], [cup, spoon]) is None  # a click: nothing changed
+    assert changed_box([cup, spoon], [(20, 30, 20, 30), cup, spoon]) is None  # a box just started
+    assert changed_box([cup, spoon], [(-46, 20, 74, 110), cup, spoon]) == (-46, 20, 74, 110)  # drawn, put first
+    assert changed_box([cup, spoon], [cup, (310, 90, 420, 330)]) == (310, 90, 420, 330)  # the spoon resized
+    assert changed_box([cup, spoon], [(120, 110, 320, 260), spoon]) == (120, 110, 320, 260)  # the cup moved
+    assert changed_box([cup, spoon], [spoon]) is None  # the cup removed
+    assert changed_box([cup, cup], [cup, (90, 100, 300, 250)]) == (90, 100, 300, 250)  # one of two equal boxes
+    assert changed_box([cup], [(100.3, 99.8, 300, 250)]) is None  # within tolerance (the editor rounds)
+    assert changed_box([], [(80, 60, 30, 10)]) == (80, 60, 30, 10)  # dragged up and left: fit_region orders it
