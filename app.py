@@ -29,7 +29,7 @@ from lens import Gallery, LensError, load_image  # noqa: E402
 from lens.detect import Box, list_detectors  # noqa: E402
 from lens.draw import PALETTE, draw_boxes  # noqa: E402
 from lens.images import MAX_BYTES, MIN_REGION, ImageError, changed_box, check_box, display_path  # noqa: E402
-from lens.methods import parse_models, short_name  # noqa: E402
+from lens.methods import parse_models, reads_words, short_name  # noqa: E402
 from lens.samples import write_sample_gallery  # noqa: E402
 from lens.search import AUTO, TEXT_WEIGHT  # noqa: E402
 from lens.service import LensService, Outcome  # noqa: E402
@@ -207,12 +207,17 @@ def region_editor(**options: Any) -> image_annotator:
     ones drawn by dragging. Mouse, pen and touch (pointer events); it maps screen to image pixels.
 
     Its value comes back to the server only as boxes: the photo is the one already decoded (its
-    ``preprocess`` would decode the image again on every release).
+    ``preprocess`` would decode the image again on every release). The boxes' colours are dropped: the
+    browser sends a colour set by the server back as a list, which the component's parser (it expects
+    ``"rgb(r, g, b)"``) fails on, and lens reads only the corners.
     """
     editor = image_annotator(**options)
 
     def preprocess(payload: Any) -> dict | None:
-        return None if payload is None else {"boxes": editor.preprocess_boxes(payload.boxes)}
+        if payload is None:
+            return None
+        corners = [{key: value for key, value in box.items() if key != "color"} for box in payload.boxes]
+        return {"boxes": editor.preprocess_boxes(corners)}
 
     editor.preprocess = preprocess  # type: ignore[method-assign]
     return editor
@@ -317,11 +322,23 @@ class Handlers:
                 f"No detected object at ({x:.0f}, {y:.0f}): searching the region around the click "
                 f"({_corners(box)}). To drag your own region, or resize this one, choose **{ADJUST}**.")
 
+    @readable
+    def on_click_search(self, image: Image.Image | None, boxes: list[Box], region: Box | None, method: str | None,
+                        k: float | int, text: str | None, text_weight: float, event: gr.SelectData):
+        """A click on the photo and its search, as one event (:meth:`on_click`'s four outputs, then
+        :meth:`on_search`'s eight). One event, run for the latest click only (``always_last``): with a
+        click and its search as two chained events, quick clicks ran several searches at once and an
+        earlier one could land last, leaving the Subject on one box and the results of another."""
+        picked = self.on_click(image, boxes, region, event)
+        if image is None:
+            return (*picked, *(gr.skip() for _ in range(8)))
+        return (*picked, *self.on_search(image, boxes, picked[0], picked[1], method, k, text, text_weight))
+
     def on_tool(self, tool: str, image: Image.Image | None, boxes: list[Box], region: Box | None):
         """The tool for the photo: (photo shown, box editor, the editor's boxes, hint). *Draw or adjust*
         swaps the photo for the box editor, holding the detected boxes and the current region."""
-        if tool != ADJUST or image is None:
-            return gr.update(visible=True), gr.update(visible=False), [], gr.skip() if tool != ADJUST else HINT
+        if tool != ADJUST or image is None:  # back to clicking: the editor's hint goes
+            return gr.update(visible=True), gr.update(visible=False), [], HINT
         shown = _editor_boxes(boxes, region)
         return (gr.update(visible=False), gr.update(value={"image": image, "boxes": shown}, visible=True),
                 _xyxy(shown), ADJUST_HINT)
@@ -419,7 +436,7 @@ class Handlers:
         result = SearchResult(path=shown["path"], score=shown["score"], rank=shown["rank"], file=Path(shown["file"]),
                               kind=shown["kind"], match=shown["match"])
         try:
-            original = str(self.service.original(result))
+            original = str(self.service.openable(result))
         except LensError as exc:
             raise gr.Error(str(exc)) from None
         caption = (f"**#{result.rank}** · score {result.score_text} ({SCORE_LABELS.get(result.kind, result.kind)})  \n"
@@ -523,13 +540,6 @@ def build_app(service: LensService, examples: Sequence[str] | None = None) -> gr
             with gr.Column(scale=5, min_width=300):
                 upload = photo_input(label="Your photo", type="pil", sources=["upload", "clipboard", "webcam"],
                                   height=200, elem_id="lens-upload")
-                with gr.Row():
-                    words = gr.Textbox(label="Add to your search", elem_id="lens-text", scale=3, min_width=200,
-                                       placeholder="“in red” with the photo, or words alone: “a red dress”",
-                                       info="Words need a method that reads text (clip, siglip); press Enter.")
-                    text_weight = gr.Slider(0.0, 1.0, value=TEXT_WEIGHT, step=0.05, label="Weight of the words",
-                                            elem_id="lens-text-weight", scale=2, min_width=160,
-                                            info="With a photo: 0 = the photo only, 1 = the words only.")
                 tool = gr.Radio([PICK, ADJUST], value=PICK, label="On the photo", elem_id="lens-tool")
                 view = gr.Image(show_label=False, interactive=False,  # no label badge over the boxes' tags
                                 elem_id="lens-view", height=420, buttons=["fullscreen"])
@@ -540,6 +550,14 @@ def build_app(service: LensService, examples: Sequence[str] | None = None) -> gr
                                        show_remove_button=False, use_default_label=True)
                 hint = gr.Markdown(HINT, elem_id="lens-hint", elem_classes="lens-note")
                 subject = gr.Radio([WHOLE], value=WHOLE, label="Subject", elem_id="lens-subject")
+                # below the photo, folded unless a served method reads words
+                with gr.Accordion("Add words to your search", open=any(map(reads_words, service.methods))):
+                    words = gr.Textbox(show_label=False, elem_id="lens-text", lines=1,
+                                       placeholder="“in red” with the photo, or words alone: “a red dress”",
+                                       info="Words need a method that reads text (clip, siglip); press Enter.")
+                    text_weight = gr.Slider(0.0, 1.0, value=TEXT_WEIGHT, step=0.05, label="Weight of the words",
+                                            elem_id="lens-text-weight",
+                                            info="With a photo: 0 = the photo only, 1 = the words only.")
                 with gr.Accordion("Region in pixels", open=False):
                     corners = gr.Textbox(label="x1, y1, x2, y2", elem_id="lens-corners",
                                          info="The searched region's corners: edit them and press Enter.")
@@ -594,9 +612,9 @@ def build_app(service: LensService, examples: Sequence[str] | None = None) -> gr
             redetect = trigger(on.on_photo, [original, detector, threshold], photo_outputs, concurrency_limit=2, **quiet)
             redetect.then(on.on_search, search_inputs, search_outputs, concurrency_limit=4, **quiet)
             redetect.then(on.on_tool, *tool_io, **quiet)
-        view.select(on.on_click, [original, boxes, region], [region, chosen, subject, hint], show_progress="minimal", **quiet
-                    ).then(on.on_search, search_inputs, search_outputs, concurrency_limit=4, show_progress="minimal",
-                           **quiet)
+        view.select(on.on_click_search, [original, boxes, region, method, k, words, text_weight],
+                    [region, chosen, subject, hint, *search_outputs], trigger_mode="always_last", concurrency_limit=4,
+                    show_progress="minimal", **quiet)
         tool.change(on.on_tool, *tool_io, **quiet).then(None, tool, None, js=DRAW_FIRST, **quiet)
         # each release of a drag in the box editor (its change event); the latest one wins
         editor.change(on.on_adjust, [original, boxes, edited, editor], [region, edited, chosen, subject, hint, searched],
@@ -657,6 +675,13 @@ def _outcome_json(outcome: Outcome) -> dict:
     }
 
 
+def served_folders(service: LensService) -> list[str]:
+    """The folders the app serves files from (Gradio's ``allowed_paths``): the thumbnails (with the
+    copies of linked originals, :meth:`LensService.openable`) and the gallery's own files, so that a
+    result is opened or downloaded as it is."""
+    return [str(service.thumbnail_dir.resolve()), str(service.gallery.root.resolve())]
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="lens: photo in, similar images out (web app)")
     parser.add_argument("--gallery", help="folder of images to search (default: the sample gallery, "
@@ -697,8 +722,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     demo = build_app(service, examples)
     demo.launch(
         server_name=args.host, server_port=args.port, css=CSS, theme=gr.themes.Soft(),
-        # thumbnails, and the gallery's own files: a result is opened or downloaded as it is
-        allowed_paths=[str(service.thumbnail_dir.resolve()), str(service.gallery.root.resolve())],
+        allowed_paths=served_folders(service),
         max_file_size=MAX_BYTES,
     )
 

@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import logging
 import os
+import shutil
 import threading
 import time
 from collections import OrderedDict
@@ -351,6 +352,25 @@ class LensService:
                             f"indexed); refresh the index with `lens index {display_path(self.gallery.root)}`") from None
         return source
 
+    def openable(self, result: SearchResult) -> Path:
+        """The file to hand the browser to open or download a result: the gallery file itself, or, for a
+        linked file whose target lies outside the gallery folder, a copy of it (same name, made once,
+        remade when the file changes) in the thumbnail folder: a web app serves files only from the
+        folders it was given, and it checks where a link points.
+
+        Raises :class:`LensError` as :meth:`original` does.
+        """
+        source = self.original(result)
+        if source.resolve().is_relative_to(self.gallery.root.resolve()):
+            return source
+        target = self.thumbnail_dir / "originals" / _file_key(source) / source.name
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(f".{os.getpid()}.{threading.get_ident()}.tmp")
+            shutil.copyfile(source, partial)
+            os.replace(partial, target)
+        return target
+
     def thumbnail(self, result: SearchResult) -> Path:
         """A small JPEG of a result (made once, remade when the file changes), only for indexed paths;
         an exact match's region (the query's outline in it) is drawn on it.
@@ -360,11 +380,7 @@ class LensService:
         File names are OS paths throughout (names that are not valid UTF-8 included).
         """
         source = self.original(result)
-        stat = source.stat()
-        identity = b"%s:%d:%d:%d:%d:%s" % (os.fsencode(source.resolve()), stat.st_size, stat.st_mtime_ns,
-                                            stat.st_ctime_ns, stat.st_ino, str(result.region).encode())
-        key = hashlib.sha1(identity).hexdigest()[:20]
-        target = self.thumbnail_dir / f"{key}.jpg"
+        target = self.thumbnail_dir / f"{_file_key(source, str(result.region))}.jpg"
         if not target.exists():
             image = load_image(source, name=display_path(result.path))
             width = image.width
@@ -377,3 +393,12 @@ class LensService:
             image.save(partial, "JPEG", quality=85)
             os.replace(partial, target)
         return target
+
+
+def _file_key(source: Path, extra: str = "") -> str:
+    """A name for what is made from ``source`` (20 hex digits): it changes when the file, its content
+    (size, times, inode) or ``extra`` changes."""
+    stat = source.stat()
+    identity = b"%s:%d:%d:%d:%d:%s" % (os.fsencode(source.resolve()), stat.st_size, stat.st_mtime_ns,
+                                        stat.st_ctime_ns, stat.st_ino, extra.encode())
+    return hashlib.sha1(identity).hexdigest()[:20]

@@ -169,6 +169,22 @@ def test_thumbnails_never_leave_the_gallery(served, tmp_path):
             with pytest.raises(LensError, match="outside the gallery"):
                 service.thumbnail(SearchResult(1, path, 1.0, Path(path)))
         assert service.thumbnail(SearchResult(1, "link.jpg", 1.0, link)).is_file()
+        # opening a result: Gradio serves a file only when its target lies in a served folder, so a
+        # linked file pointing elsewhere is handed over as a copy (results of a gallery of links
+        # never opened); a file of the gallery's own is handed over as it is
+        import app
+        from gradio.utils import is_allowed_file
+
+        def served(path: Path) -> bool:
+            return is_allowed_file(path, [], app.served_folders(service), [])[0]
+
+        linked = SearchResult(1, "link.jpg", 1.0, link)
+        assert not served(service.original(linked))
+        opened = service.openable(linked)
+        assert served(opened) and opened.name == "link.jpg" and opened.read_bytes() == outside.read_bytes()
+        assert service.openable(linked) == opened  # made once
+        own = SearchResult(1, "cat.jpg", 1.0, service.gallery.root / "cat.jpg")
+        assert service.openable(own) == service.gallery.root / "cat.jpg" and served(service.openable(own))
         with pytest.raises(LensError, match="no longer in the gallery.*lens index"):
             service.thumbnail(SearchResult(1, "gone.jpg", 1.0, service.gallery.root / "gone.jpg"))
     finally:
@@ -316,9 +332,9 @@ def test_a_click_outside_every_box_and_a_drawn_or_adjusted_region_are_searched(s
         def __init__(self, x, y):
             self.index = (x, y)
 
-    region, subject, menu, hint = on.on_click(image, boxes, region, Click(width * 0.75, height * 0.9))  # no box
+    region, subject, menu, hint, view, crop, _, results, note, found, corners, _ = on.on_click_search(
+        image, boxes, region, "resnet50", 3, "", 0.5, Click(width * 0.75, height * 0.9))  # no box there
     assert menu["value"] == subject and subject.startswith(app.REGION + "region around") and "No detected object" in hint
-    view, crop, _, results, note, found, corners, _ = on.on_search(image, boxes, region, subject, "resnet50", 3)
     assert len(results) == 3 and "results for *region around" in note and crop.size < image.size
     assert [f["rank"] for f in found] == [1, 2, 3]
 
@@ -352,9 +368,26 @@ def test_a_click_outside_every_box_and_a_drawn_or_adjusted_region_are_searched(s
     _, edited, _, _, hint, again = on.on_adjust(image, boxes, edited, {"boxes": beside})
     assert again is False and edited == app._xyxy(beside) and "outside" in hint
     shown, editor, edited, hint = on.on_tool(app.PICK, image, boxes, region)
-    assert shown["visible"] and editor["visible"] is False and edited == []
+    assert shown["visible"] and editor["visible"] is False and edited == [] and hint == app.HINT
     region, *_ = on.on_region(image, boxes, "70, 80, 20, 30")
     assert region.xyxy == (20, 30, 70, 80)
+
+
+def test_the_box_editor_reads_the_boxes_the_browser_sends_back(tmp_path):
+    """The editor's boxes as the browser sends them after the server set them: colours come back as
+    lists (the component's own parser wants "rgb(r, g, b)" and raised TypeError on every switch to
+    *Draw or adjust*), coordinates in display pixels with the scale factor."""
+    import app
+    from gradio.data_classes import FileData
+    from gradio_image_annotation.image_annotator import AnnotatedImageData
+
+    editor = app.region_editor(value=None)
+    sent = AnnotatedImageData(image=FileData(path=str(tmp_path / "x.png")), boxes=[
+        {"xmin": 20, "ymin": 10, "xmax": 60, "ymax": 50, "label": "1 cup", "color": [255, 0, 0], "scaleFactor": 2},
+        {"xmin": 0, "ymin": 0, "xmax": 9, "ymax": 9, "label": "", "color": "rgb(1, 2, 3)"},
+    ])
+    assert app._xyxy(editor.preprocess(sent)["boxes"]) == [(10, 5, 30, 25), (0, 0, 9, 9)]
+    assert editor.preprocess(None) is None
 
 
 def test_searches_read_the_photo_and_its_subject_from_one_place(served):
@@ -370,12 +403,17 @@ def test_searches_read_the_photo_and_its_subject_from_one_place(served):
     _, service = served
     demo = app.build_app(service)
     searches = [fn for fn in demo.fns.values()
-                if getattr(fn.fn, "__name__", "") in ("on_search", "after_adjust", "on_compare")]
+                if getattr(fn.fn, "__name__", "") in ("on_search", "on_click_search", "after_adjust", "on_compare")]
     assert len(searches) >= 9  # the upload, detector settings, click, editor, corners, Subject, method, k, words...
     browser = {"lens-method", "lens-k", "lens-text", "lens-text-weight"}
     for fn in searches:
         sent = [block.elem_id for block in fn.inputs if not isinstance(block, gr.State)]
         assert set(sent) <= browser, (fn.fn.__name__, sent)
+    # a click and its search are one event, run for the latest click only: quick clicks once ran
+    # several searches at once, and an earlier one landing last left the Subject on one box and the
+    # results of another
+    clicks = [fn for fn in demo.fns.values() if getattr(fn.fn, "__name__", "") == "on_click_search"]
+    assert len(clicks) == 1 and clicks[0].trigger_mode == "always_last"
 
 
 def test_the_note_says_exact_matches_are_of_the_photo_and_similar_ones_of_the_subject():
@@ -389,3 +427,21 @@ def test_the_note_says_exact_matches_are_of_the_photo_and_similar_ones_of_the_su
     assert "1 exact match in the photo (outlined), 1 similar to *person*" in note and note.startswith("**auto**")
     assert "2 results for *cup*" in app._note(Outcome("hf:../w/effnet", [similar, similar], 0.05), "*cup*")
     assert app._note(Outcome("hf:../w/effnet", [similar], 0.05), "*cup*").startswith("**effnet**")
+
+
+def test_the_words_box_is_folded_unless_a_served_method_reads_words(served, served_words):
+    """The photo comes first on the page; "Add words to your search" sits below it, open only when a
+    served method reads words (the clip family), known from the specs without loading anything."""
+    import app
+    import gradio as gr
+    from lens.methods import reads_words
+
+    assert [reads_words(s) for s in ("clip", "siglip", "clip:openai/clip-vit-base-patch32")] == [True] * 3
+    assert not any(reads_words(s) for s in ("phash", "hf:../w/clip-like", "vit", "local"))
+
+    def words_fold(service) -> gr.Accordion:
+        demo = app.build_app(service)
+        return next(b for b in demo.blocks.values()
+                    if isinstance(b, gr.Accordion) and b.label == "Add words to your search")
+
+    assert words_fold(served[1]).open is False and words_fold(served_words[1]).open is True

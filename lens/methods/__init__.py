@@ -40,6 +40,7 @@ __all__ = [
     "list_methods",
     "method_slug",
     "parse_models",
+    "reads_words",
     "register_method",
     "short_name",
 ]
@@ -95,12 +96,23 @@ def _load_families() -> None:
         _loaded = True
 
 
+def _family_of(spec: str) -> str | None:
+    """The ``_FAMILIES`` entry that registers ``spec`` (a name or ``prefix:argument``), if any."""
+    prefix, sep, argument = spec.partition(":")
+    key = f"{prefix}:" if sep and argument else spec
+    return next((family for family, names in _FAMILIES.items() if key in names), None)
+
+
+def reads_words(spec: str) -> bool:
+    """Whether the method ``spec`` names can search by words (the ``clip`` family: ``clip``,
+    ``siglip``, ``clip:<id or folder>``), known without importing or loading it."""
+    return _family_of(spec) == "clip"
+
+
 def _load_family_of(spec: str) -> None:
     """Import the family that registers ``spec`` (a name or ``prefix:argument``); every family when
     no table entry names it (so that an unknown spec is checked against the full registry)."""
-    prefix, sep, argument = spec.partition(":")
-    key = f"{prefix}:" if sep and argument else spec
-    family = next((family for family, names in _FAMILIES.items() if key in names), None)
+    family = _family_of(spec)
     if family is None:
         _load_families()
     else:
