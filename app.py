@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import html
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -78,6 +79,7 @@ CSS = """
 #lens-view, #lens-view .image-container, #lens-view button, #lens-view .image-frame { height: auto !important; }
 #lens-view img { max-height: 420px; }
 @media (max-width: 640px) { #lens-view img { max-height: 360px; } }
+#lens-status pre { white-space: pre-wrap; word-break: break-word; }  /* a failure's details wrap */
 #lens-annotate canvas { touch-action: none; }  /* a finger drags the box, not the page */
 #lens-annotate button[aria-label^="Rotate"] { display: none; }  /* the photo is searched as it is */
 """
@@ -149,22 +151,27 @@ STATUS_ICONS = {"ready": "●", "queued": "○", "building": "◐", "failed": "�
 
 
 def status_markdown(service: LensService) -> str:
-    """Each method's state as a Markdown list, for the status panel: one line each, a failure's
-    details folded away, the full spec beside a shortened name."""
-    lines = []
+    """Each method's state for the status panel, as one HTML list (Markdown passes it through): one
+    line each, a failure's details folded away, the full spec beside a shortened name.
+
+    HTML, not a Markdown list: a failure's folded details (a code block inside a list item) ended
+    the Markdown list, and every method after it showed as raw text. No blank line inside, which
+    would end the HTML block the same way."""
+    items = []
     for s in service.states():
         name = short_name(s.name)
-        spec = f" <span class='lens-note'>{s.name}</span>" if name != s.name else ""
-        head = f"- {STATUS_ICONS[s.status]} **{name}**{spec}: {s.status}"
-        detail = s.detail.strip()
+        spec = f" <span class='lens-note'>{html.escape(s.name)}</span>" if name != s.name else ""
+        head = f"{STATUS_ICONS[s.status]} <b>{html.escape(name)}</b>{spec}: {s.status}"
+        detail = "\n".join(line for line in s.detail.strip().splitlines() if line.strip())
+        first = detail.splitlines()[0] if detail else ""
         if s.status == "failed" and detail:
-            first = detail.splitlines()[0]
-            first = first if len(first) <= 100 else first[:99] + "…"
-            lines.append(f"{head} ({first})" + (f"<details><summary>details</summary>\n\n```\n{detail}\n```\n</details>"
-                                              if detail != first else ""))
+            short = first if len(first) <= 100 else first[:99] + "…"
+            folded = (f"<details><summary>details</summary><pre>{html.escape(detail)}</pre></details>"
+                      if detail != short else "")
+            items.append(f"<li>{head} ({html.escape(short)}){folded}</li>")
         else:
-            lines.append(head + (f" ({detail})" if detail else ""))
-    return "\n".join(lines)
+            items.append(f"<li>{head}" + (f" ({html.escape(detail)})" if detail else "") + "</li>")
+    return "<ul class='lens-status'>\n" + "\n".join(items) + "\n</ul>"
 
 
 def readable(fn: Callable) -> Callable:

@@ -307,10 +307,14 @@ def test_status_says_a_failure_in_one_line_with_details_folded_and_names_are_sho
     write_gallery(tmp_path / "photos", 3)
     service = LensService(Gallery(tmp_path / "photos", tmp_path / "idx"), ["test-broken-weights", "phash"])
     service.start(background=False)
-    lines = app.status_markdown(service).splitlines()
+    panel = app.status_markdown(service)
+    lines = panel.splitlines()
     broken = next(line for line in lines if "test-broken-weights" in line)
     assert "failed (cannot load the weights)" in broken and broken.index("<details>") > broken.index("failed")
-    assert lines[-1].startswith("```") is False and any("● **phash**: ready" in line for line in lines)
+    # one HTML list, one item per method, no blank line (which ends an HTML block in Markdown): the
+    # method after a failure's details once showed as raw text
+    assert panel.startswith("<ul") and "\n\n" not in panel and panel.count("<li>") == len(service.states())
+    assert any(line == "<li>● <b>phash</b>: ready (3 images)</li>" for line in lines), lines
     assert [short_name(s) for s in ("vit", "hf:facebook/dinov2-small", "hf:../w/efficientnet_lite0.in1k/")] == [
         "vit", "dinov2-small", "efficientnet_lite0.in1k"]
     assert app._method_choices(["auto", "hf:../w/efficientnet_lite0.in1k"]) == [
