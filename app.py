@@ -393,7 +393,11 @@ class Handlers:
         closed = gr.update(visible=False)
         if image is None and not text:
             return None, None, [], [], "Upload a photo or pick an example to start (or type words to search for).", [], "", closed
-        k = self.service.check_k(k)
+        try:
+            k = self.service.check_k(k)
+        except LensError as exc:  # a field to correct: said, and the page kept as it is
+            gr.Warning(str(exc))
+            return tuple(gr.skip() for _ in range(8))
         if image is None:  # words alone
             if not method:
                 return None, None, [], [], "No method is ready yet: see the status below.", [], "", closed
