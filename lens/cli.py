@@ -7,7 +7,8 @@ the photos are embedded in batches. A command imports what it uses when it runs 
 --method phash`` never imports torch), so the start-up of a call is what its method needs.
 
 Exit status: 0 done; 1 an error the user can fix (or, for ``search`` with many photos, some photos
-could not be searched); 2 a usage error (argparse); 130 interrupted.
+could not be searched; for ``index``, some methods could not be built, the others were); 2 a usage
+error (argparse); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ def _index_parser(sub: argparse._SubParsersAction) -> Handler:
     parser.add_argument("gallery", metavar="FOLDER", help="folder of images (searched recursively)")
     parser.add_argument("--methods", default=DEFAULT_INDEX_METHODS,
                         help=f"comma-separated method specs (default: {DEFAULT_INDEX_METHODS}: visually similar "
-                             "images and exact matches); see `lens methods`")
+                             "images and exact matches); see `lens methods`. A method that cannot be built "
+                             "(e.g. its model cannot be downloaded) is reported and the others are still built "
+                             "(exit status 1)")
     parser.add_argument("--index", dest="index_spec", metavar="SPEC",
                         help="index backend spec (default: what an earlier build was given, else annoy up to "
                              "1,000 images and faiss:HNSW32:efSearch=64 above): "
@@ -99,17 +102,20 @@ def _run_index(args: argparse.Namespace) -> int:
     if args.ray_actors is not None and args.ray_actors < 1:
         raise LensError("--ray-actors must be at least 1")
     started = time.perf_counter()
+    failed: list[tuple[str, str]] = []  # a method that cannot be built does not stop the others
     if args.ray is not None:
         from lens.distributed import RayCluster
 
         address = None if args.ray == LOCAL_RAY else args.ray
         with RayCluster(address, actors=args.ray_actors) as cluster, logging_redirect_tqdm():
             reports = gallery.index(methods, index_spec=args.index_spec, batch_size=args.batch_size,
-                                    workers=args.workers, progress=not args.quiet, ray=cluster)
+                                    workers=args.workers, progress=not args.quiet, ray=cluster, failed=failed)
     else:
         with logging_redirect_tqdm():
             reports = gallery.index(methods, index_spec=args.index_spec, batch_size=args.batch_size,
-                                    workers=args.workers, progress=not args.quiet)
+                                    workers=args.workers, progress=not args.quiet, failed=failed)
+    if failed and not reports:  # nothing built: the one error, as before
+        raise LensError("; ".join(why if len(failed) == 1 else f"{spec}: {why}" for spec, why in failed))
     waited = time.perf_counter() - started
     for report in reports:
         # the rate of the time shown (scan, fit, decode, embed, write), not of the embedding step alone
@@ -121,7 +127,9 @@ def _run_index(args: argparse.Namespace) -> int:
             print(f"  skipped {path}: {why}")
     if len(reports) > 1 or reports and waited > reports[0].seconds + 1:
         print(f"done in {waited:.1f} s (models loaded, images scanned, embedded and written)")
-    return 0
+    for spec, why in failed:
+        print(f"lens: error: {spec} not indexed: {why}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 # -- lens search -----------------------------------------------------------------------------------

@@ -191,8 +191,14 @@ class Gallery:
         progress: bool = True,
         on_progress: Callable[[str, int, int], None] | None = None,
         ray: RayCluster | None = None,
+        failed: list[tuple[str, str]] | None = None,
     ) -> list[IndexReport]:
         """Build or refresh the index of every method; only new or changed images are embedded.
+
+        ``failed``: when given, a method that cannot be built (:class:`LensError`: its model cannot
+        be loaded, too few images to learn from, ...) is appended as ``(spec, message)`` and the other
+        methods are still built; without it the first such error is raised. Unknown method names
+        are refused before anything is built.
 
         ``progress`` shows a progress bar; ``on_progress(method, done, total)`` reports each batch.
         ``batch_size`` (images per model call) defaults to 8 on CPU and 32 on a GPU. ``ray``: embed
@@ -205,23 +211,39 @@ class Gallery:
         if not items:
             raise LensError(f"no images found in '{self.root}' (looked for {len(IMAGE_EXTENSIONS)} image file "
                             "extensions: .jpg, .png, .webp, .avif, .heic, .tif, .bmp, .gif, ...; see the README)")
+        methods = list(methods)
+        for spec in methods:
+            check_spec(spec)
         reports = []
         for spec in methods:
-            base = self._base_method(spec)
-            embed = embed_files
-            if ray is not None and embeds_on_ray(base):
-                embed = ray.embedder(spec, self.model_for(spec))
-            elif ray is not None:
-                log.warning("%s: learns a vocabulary from the gallery, so it is not embedded on Ray "
-                            "(--ray runs methods that embed each image on its own: hf, resnet50, vit, clip, "
-                            "phash, ...); building it in this process", spec)
-            report = build_index(self.root, self.method_dir(spec), spec, base, items,
-                                 index_spec=index_spec, batch_size=batch_size, workers=workers,
-                                 progress=progress, on_progress=on_progress, gallery_root=self.root_id,
-                                 files=self.files, learn_from=self.learn_from, embed=embed)
-            report.skipped[:0] = scan_skipped
-            reports.append(report)
+            try:
+                reports.append(self._index_one(spec, items, scan_skipped, index_spec=index_spec,
+                                               batch_size=batch_size, workers=workers, progress=progress,
+                                               on_progress=on_progress, ray=ray))
+            except LensError as exc:
+                if failed is None:
+                    raise
+                failed.append((spec, str(exc)))
         return reports
+
+    def _index_one(self, spec: str, items: list[Item], scan_skipped: list[tuple[str, str]], *,
+                   index_spec: str | None, batch_size: int | None, workers: int, progress: bool,
+                   on_progress: Callable[[str, int, int], None] | None, ray: RayCluster | None) -> IndexReport:
+        """Build or refresh one method's index (see :meth:`index`)."""
+        base = self._base_method(spec)
+        embed = embed_files
+        if ray is not None and embeds_on_ray(base):
+            embed = ray.embedder(spec, self.model_for(spec))
+        elif ray is not None:
+            log.warning("%s: learns a vocabulary from the gallery, so it is not embedded on Ray "
+                        "(--ray runs methods that embed each image on its own: hf, resnet50, vit, clip, "
+                        "phash, ...); building it in this process", spec)
+        report = build_index(self.root, self.method_dir(spec), spec, base, items,
+                             index_spec=index_spec, batch_size=batch_size, workers=workers,
+                             progress=progress, on_progress=on_progress, gallery_root=self.root_id,
+                             files=self.files, learn_from=self.learn_from, embed=embed)
+        report.skipped[:0] = scan_skipped
+        return report
 
     # -- searching -------------------------------------------------------------------------------
     def open(self, spec: str) -> StoredIndex:

@@ -196,3 +196,24 @@ def test_the_method_table_says_which_module_registers_each_name():
     assert set(tabled) == set(registered)
     for name, factory in registered.items():
         assert factory.__module__ == f"lens.methods.{tabled[name]}", name
+
+
+def test_a_method_that_cannot_be_built_does_not_stop_the_others(tmp_path, capsys):
+    """Offline, the default `lens index DIR` (resnet50,local) stopped at resnet50's download error and
+    built nothing, not even `local`, which needs no model. Now the others are built, the failure is a
+    line on stderr and the exit status is 1; nothing built at all is the one error, as before."""
+    from lens.cli import main
+
+    write_gallery(tmp_path / "photos", 4)
+    common = [str(tmp_path / "photos"), "--out", str(tmp_path / "idx"), "--quiet",
+              "--model", f"resnet50={tmp_path / 'no-such-model'}"]
+    assert main(["index", *common, "--methods", "resnet50,phash"]) == 1
+    out, err = capsys.readouterr()
+    assert "phash: 4 images indexed" in out and (tmp_path / "idx" / "phash" / "CURRENT").is_file()
+    assert "lens: error: resnet50 not indexed: cannot load model" in err and "Traceback" not in err
+    assert not (tmp_path / "idx" / "resnet50" / "CURRENT").exists()
+    assert main(["index", *common, "--methods", "resnet50"]) == 1
+    out, err = capsys.readouterr()
+    assert err.count("lens: error:") == 1 and "cannot load model" in err and "not indexed" not in err
+    assert main(["index", *common, "--methods", "phash,nonsense"]) == 1  # refused before anything is built
+    assert "unknown method" in capsys.readouterr().err
