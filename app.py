@@ -212,22 +212,9 @@ def region_editor(**options: Any) -> image_annotator:
     """The box editor of *Draw or adjust a region* (``gradio_image_annotation``): the photo with
     the detected boxes and the user's region, each one movable and resizable by its handles, and new
     ones drawn by dragging. Mouse, pen and touch (pointer events); it maps screen to image pixels.
-
-    Its value comes back to the server only as boxes: the photo is the one already decoded (its
-    ``preprocess`` would decode the image again on every release). The boxes' colours are dropped: the
-    browser sends a colour set by the server back as a list, which the component's parser (it expects
-    ``"rgb(r, g, b)"``) fails on, and lens reads only the corners.
-    """
-    editor = image_annotator(**options)
-
-    def preprocess(payload: Any) -> dict | None:
-        if payload is None:
-            return None
-        corners = [{key: value for key, value in box.items() if key != "color"} for box in payload.boxes]
-        return {"boxes": editor.preprocess_boxes(corners)}
-
-    editor.preprocess = preprocess  # type: ignore[method-assign]
-    return editor
+    Its value is ``{"image": ..., "boxes": [{"xmin", "ymin", "xmax", "ymax", "label", "color"}]}``
+    in image pixels."""
+    return image_annotator(**options)
 
 
 def _editor_boxes(boxes: Sequence[Box], region: Box | None) -> list[dict]:
@@ -235,8 +222,10 @@ def _editor_boxes(boxes: Sequence[Box], region: Box | None) -> list[dict]:
     and the user's region (pixels rounded: the editor works in whole pixels)."""
     shown = [(f"{i + 1} {box.label}", box, ImageColor.getrgb(PALETTE[i % len(PALETTE)])) for i, box in enumerate(boxes)]
     shown += [(region.label, region, (255, 255, 255))] if region is not None else []
+    # colours as the browser's editor writes them, "rgb(r, g, b)": it sends them back as they came,
+    # and the component's parser raised TypeError on every release for a colour sent as a tuple
     return [{"xmin": round(box.x1), "ymin": round(box.y1), "xmax": round(box.x2), "ymax": round(box.y2),
-             "label": label, "color": colour} for label, box, colour in shown]
+             "label": label, "color": "rgb({}, {}, {})".format(*colour)} for label, box, colour in shown]
 
 
 def _xyxy(boxes: Sequence[dict]) -> list[tuple[float, float, float, float]]:

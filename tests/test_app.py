@@ -384,20 +384,25 @@ def test_a_click_outside_every_box_and_a_drawn_or_adjusted_region_are_searched(s
 
 
 def test_the_box_editor_reads_the_boxes_the_browser_sends_back(tmp_path):
-    """The editor's boxes as the browser sends them after the server set them: colours come back as
-    lists (the component's own parser wants "rgb(r, g, b)" and raised TypeError on every switch to
-    *Draw or adjust*), coordinates in display pixels with the scale factor."""
+    """The editor's boxes as the browser sends them back after the server set them (a JSON round
+    trip), through the component's own parser: a colour sent as a tuple came back as a list, which
+    the parser (it wants "rgb(r, g, b)") failed on with TypeError on every release after a switch to
+    *Draw or adjust*; colours are sent as the editor writes them."""
+    import json
+
     import app
     from gradio.data_classes import FileData
     from gradio_image_annotation.image_annotator import AnnotatedImageData
 
-    editor = app.region_editor(value=None)
-    sent = AnnotatedImageData(image=FileData(path=str(tmp_path / "x.png")), boxes=[
-        {"xmin": 20, "ymin": 10, "xmax": 60, "ymax": 50, "label": "1 cup", "color": [255, 0, 0], "scaleFactor": 2},
-        {"xmin": 0, "ymin": 0, "xmax": 9, "ymax": 9, "label": "", "color": "rgb(1, 2, 3)"},
-    ])
-    assert app._xyxy(editor.preprocess(sent)["boxes"]) == [(10, 5, 30, 25), (0, 0, 9, 9)]
-    assert editor.preprocess(None) is None
+    from lens.types import Box
+
+    Image.new("RGB", (80, 60)).save(tmp_path / "photo.png")
+    shown = app._editor_boxes([Box(20, 10, 60, 50, 0.9, "cup")], Box(1, 2, 30, 40, 1.0, "your region"))
+    echoed = json.loads(json.dumps(shown))  # what the browser sends back
+    sent = AnnotatedImageData(image=FileData(path=str(tmp_path / "photo.png")), boxes=echoed)
+    value = app.region_editor(value=None).preprocess(sent)
+    assert app._xyxy(value["boxes"]) == [(20, 10, 60, 50), (1, 2, 30, 40)]
+    assert [b["color"] for b in value["boxes"]][1] == (255, 255, 255)
 
 
 def test_searches_read_the_photo_and_its_subject_from_one_place(served):
