@@ -78,6 +78,22 @@ def exact_neighbours(data: np.ndarray, queries: np.ndarray, k: int) -> np.ndarra
     return index.search(queries, k)[1]
 
 
+def cells(sizes: str, dims: str, queries: int, k: int, max_gb: float, columns: int):
+    """Each cell of a ``sizes`` x ``dims`` sweep (comma-separated): ``(n, d, data, queries, truth)``
+    from :func:`clustered` and :func:`exact_neighbours`. A cell whose float data exceed ``max_gb`` is
+    printed as a skipped row of the ``columns``-column table instead. A cell's arrays are released
+    before the next one is made (one cell in memory at a time)."""
+    for n in (int(s) for s in sizes.split(",")):
+        for d in (int(s) for s in dims.split(",")):
+            if n * d * 4 / 1e9 > max_gb:
+                print(f"| {n:,} | {d} | (skipped: {n * d * 4 / 1e9:.1f} GB of floats > --max-gb {max_gb:g}) |"
+                      + " |" * (columns - 3), flush=True)
+                continue
+            data, held_out = clustered(n, d, queries)
+            yield n, d, data, held_out, exact_neighbours(data, held_out, k)
+            del data, held_out
+
+
 def recall(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)]))
 
@@ -124,25 +140,18 @@ def main() -> None:
     names = [b.strip() for b in args.backends.split(",") if b.strip()]
     print(f"| n | d | backend | spec | build s | bytes/vector | QPS (1 thread) | recall@{args.k} |")
     print("|---:|---:|---|---|---:|---:|---:|---:|")
-    for n in (int(s) for s in args.sizes.split(",")):
-        for d in (int(s) for s in args.dims.split(",")):
-            if n * d * 4 / 1e9 > args.max_gb:
-                print(f"| {n:,} | {d} | (skipped: {n * d * 4 / 1e9:.1f} GB of floats > --max-gb "
-                      f"{args.max_gb:g}) | | | | | |", flush=True)
-                continue
-            data, queries = clustered(n, d, args.queries)
-            truth = exact_neighbours(data, queries, args.k)
-            built: dict[str, tuple[VectorIndex, float, float]] = {}
-            for name in names:
-                spec = BACKENDS[name](n, d)
-                base = name.removesuffix("+rerank")
-                if base not in built:
-                    built[base] = build(BACKENDS[base](n, d), data)
-                index, seconds, size = built[base]
-                ids, qps = search(index, RERANK if name.endswith("+rerank") else 0, data, queries, args.k)
-                print(f"| {n:,} | {d} | {name} | `{spec}` | {seconds:.1f} | {size:,.0f} | {qps:,.0f} | "
-                      f"{recall(ids, truth):.3f} |", flush=True)
-            del built
+    for n, d, data, queries, truth in cells(args.sizes, args.dims, args.queries, args.k, args.max_gb, 8):
+        built: dict[str, tuple[VectorIndex, float, float]] = {}
+        for name in names:
+            spec = BACKENDS[name](n, d)
+            base = name.removesuffix("+rerank")
+            if base not in built:
+                built[base] = build(BACKENDS[base](n, d), data)
+            index, seconds, size = built[base]
+            ids, qps = search(index, RERANK if name.endswith("+rerank") else 0, data, queries, args.k)
+            print(f"| {n:,} | {d} | {name} | `{spec}` | {seconds:.1f} | {size:,.0f} | {qps:,.0f} | "
+                  f"{recall(ids, truth):.3f} |", flush=True)
+        del built, data, queries
 
 
 if __name__ == "__main__":

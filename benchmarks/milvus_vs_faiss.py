@@ -41,7 +41,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from index_backends import clustered, exact_neighbours, recall  # noqa: E402
+from index_backends import cells, recall  # noqa: E402
 
 from lens.index import create_index  # noqa: E402
 from lens.index.milvus_index import MilvusIndex  # noqa: E402
@@ -129,30 +129,23 @@ def main() -> None:
     print("|---:|---:|---|---:|---:|---:|---:|---:|---:|", flush=True)
     rates: dict[tuple[str, int], float] = {}  # (engine, d) -> insert rate at the last size
     try:
-        for n in (int(s) for s in args.sizes.split(",")):
-            for d in (int(s) for s in args.dims.split(",")):
-                if n * d * 4 / 1e9 > args.max_gb:
-                    print(f"| {n:,} | {d} | (skipped: {n * d * 4 / 1e9:.1f} GB of floats > --max-gb "
-                          f"{args.max_gb:g}) | | | | | | |", flush=True)
+        for n, d, data, queries, truth in cells(args.sizes, args.dims, args.queries, args.k, args.max_gb, 9):
+            for engine in engines:
+                rate = rates.get((engine, d))
+                if rate and n / rate / 60 > args.max_minutes:
+                    print(f"| {n:,} | {d} | {engine} (skipped: projected insert {n / rate / 60:.0f} min "
+                          f"> --max-minutes {args.max_minutes:g}) | | | | | | |", flush=True)
                     continue
-                data, queries = clustered(n, d, args.queries)
-                truth = exact_neighbours(data, queries, args.k)
-                for engine in engines:
-                    rate = rates.get((engine, d))
-                    if rate and n / rate / 60 > args.max_minutes:
-                        print(f"| {n:,} | {d} | {engine} (skipped: projected insert {n / rate / 60:.0f} min "
-                              f"> --max-minutes {args.max_minutes:g}) | | | | | | |", flush=True)
-                        continue
-                    if engine == "faiss":
-                        row = run_faiss(data, queries, args.k)
-                    else:
-                        row = run_milvus(uris[engine], data, queries, args.k, f"{engine}_{n}_{d}")
-                    rates[(engine, d)] = n / row["insert"]
-                    strong = f"{row['strong']:.2f}" if "strong" in row else ""
-                    print(f"| {n:,} | {d} | {engine} | {n / row['insert']:,.0f} | {row['ready']:.0f} | "
-                          f"{recall(row['ids'], truth):.3f} | {row['p50']:.2f} | {strong} | {row['qps']:,.0f} |",
-                          flush=True)
-                del data, queries
+                if engine == "faiss":
+                    row = run_faiss(data, queries, args.k)
+                else:
+                    row = run_milvus(uris[engine], data, queries, args.k, f"{engine}_{n}_{d}")
+                rates[(engine, d)] = n / row["insert"]
+                strong = f"{row['strong']:.2f}" if "strong" in row else ""
+                print(f"| {n:,} | {d} | {engine} | {n / row['insert']:,.0f} | {row['ready']:.0f} | "
+                      f"{recall(row['ids'], truth):.3f} | {row['p50']:.2f} | {strong} | {row['qps']:,.0f} |",
+                      flush=True)
+            del data, queries, truth
     finally:
         if server is not None:
             milvus_server.stop(server)
