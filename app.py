@@ -61,7 +61,6 @@ DRAW_FIRST = f"""(tool) => {{
     press();
 }}"""
 CSS = """
-#lens-view img { cursor: crosshair; }
 .lens-note { color: var(--body-text-color-subdued); font-size: 0.9em; }
 /* result grids: as many columns as fit (never a fixed 4 or 8 that overflow a phone), captions in full */
 .lens-grid .grid-container { grid-template-columns: repeat(auto-fill, minmax(min(100%, 128px), 1fr)) !important;
@@ -77,7 +76,7 @@ CSS = """
 #lens-exact:not(:has(img)) { display: none; }  /* no exact match: no empty row */
 /* the photo as tall as it is shown (no empty bands in a narrow column), so results start sooner */
 #lens-view, #lens-view .image-container, #lens-view button, #lens-view .image-frame { height: auto !important; }
-#lens-view img { max-height: 420px; }
+#lens-view img { cursor: crosshair; max-height: 420px; }
 @media (max-width: 640px) { #lens-view img { max-height: 360px; } }
 #lens-status pre { white-space: pre-wrap; word-break: break-word; }  /* a failure's details wrap */
 #lens-annotate canvas { touch-action: none; }  /* a finger drags the box, not the page */
@@ -116,10 +115,6 @@ def _subject(boxes: Sequence[Box], region: Box | None, subject: str | None) -> t
         i = choices.index(subject) - 1
         return boxes[i], i
     return None, None
-
-
-def _selected(boxes: Sequence[Box], subject: str | None) -> int | None:
-    return _subject(boxes, None, subject)[1]
 
 
 def _name(path: str) -> str:
@@ -171,7 +166,7 @@ def status_markdown(service: LensService) -> str:
             items.append(f"<li>{head} ({html.escape(short)}){folded}</li>")
         else:
             items.append(f"<li>{head}" + (f" ({html.escape(detail)})" if detail else "") + "</li>")
-    return "<ul class='lens-status'>\n" + "\n".join(items) + "\n</ul>"
+    return "<ul>\n" + "\n".join(items) + "\n</ul>"
 
 
 def readable(fn: Callable) -> Callable:
@@ -206,15 +201,6 @@ def photo_input(**options: Any) -> gr.Image:
 
     widget.preprocess = preprocess  # type: ignore[method-assign]
     return widget
-
-
-def region_editor(**options: Any) -> image_annotator:
-    """The box editor of *Draw or adjust a region* (``gradio_image_annotation``): the photo with
-    the detected boxes and the user's region, each one movable and resizable by its handles, and new
-    ones drawn by dragging. Mouse, pen and touch (pointer events); it maps screen to image pixels.
-    Its value is ``{"image": ..., "boxes": [{"xmin", "ymin", "xmax", "ymax", "label", "color"}]}``
-    in image pixels."""
-    return image_annotator(**options)
 
 
 def _editor_boxes(boxes: Sequence[Box], region: Box | None) -> list[dict]:
@@ -259,10 +245,6 @@ class Handlers:
             except (LensError, OSError) as exc:
                 gr.Warning(f"cannot show {display_path(r.path)}: {exc}", duration=8)
         return items
-
-    def _view(self, image: Image.Image, boxes: Sequence[Box], region: Box | None, subject: str | None) -> Image.Image:
-        box, selected = _subject(boxes, region, subject)
-        return draw_boxes(image, boxes, selected, region=box if box is not None and selected is None else None)
 
     # -- UI events (private: the page's own) ------------------------------------------------------------
     @readable
@@ -397,7 +379,7 @@ class Handlers:
             return (None, None, [], self.caption(outcome.results), _note(outcome, f"“{text}”"),
                     _found(outcome.results), "", closed)
         box, selected = _subject(boxes, region, subject)
-        view = self._view(image, boxes, region, subject)
+        view = draw_boxes(image, boxes, selected, region=box if selected is None else None)
         crop = self.service.subject_image(image, box)  # the one crop: shown, and searched
         corners = _corners(box) if box is not None else ""
         if not method:
@@ -473,11 +455,9 @@ class Handlers:
                 gr.update(maximum=size or None), gr.Timer(active=building))
 
     def on_load(self, current: str | None):
-        ready = self.service.search_choices()
-        value = current if current in ready else (ready[0] if ready else None)
-        size = self.service.gallery_size()
-        return (gr.update(choices=_method_choices(ready), value=value), status_markdown(self.service),
-                gr.update(maximum=size or None))
+        """A page (re)load: (method menu, status, k), as :meth:`on_status` gives them."""
+        status, menu, k, _ = self.on_status(current)
+        return menu, status, k
 
     # -- API endpoints (stateless, JSON; used by gradio_client and scripts) ----------------------------
     @readable
@@ -543,11 +523,14 @@ def build_app(service: LensService, examples: Sequence[str] | None = None) -> gr
                 tool = gr.Radio([PICK, ADJUST], value=PICK, label="On the photo", elem_id="lens-tool")
                 view = gr.Image(show_label=False, interactive=False,  # no label badge over the boxes' tags
                                 elem_id="lens-view", height=420, buttons=["fullscreen"])
-                editor = region_editor(value=None, visible=False, show_label=False, elem_id="lens-annotate",
-                                       height=420, disable_edit_boxes=True, boxes_alpha=0.12, handle_size=14,
-                                       box_min_size=MIN_REGION, sources=[], image_type="filepath",
-                                       show_download_button=False, show_clear_button=False,
-                                       show_remove_button=False, use_default_label=True)
+                # the box editor of "Draw or adjust": the photo with the detected boxes and the region,
+                # each movable and resizable by its handles, new ones drawn by dragging (mouse, pen, touch);
+                # its value's boxes are in image pixels
+                editor = image_annotator(value=None, visible=False, show_label=False, elem_id="lens-annotate",
+                                         height=420, disable_edit_boxes=True, boxes_alpha=0.12, handle_size=14,
+                                         box_min_size=MIN_REGION, sources=[], image_type="filepath",
+                                         show_download_button=False, show_clear_button=False,
+                                         show_remove_button=False, use_default_label=True)
                 hint = gr.Markdown(HINT, elem_id="lens-hint", elem_classes="lens-note")
                 subject = gr.Radio([WHOLE], value=WHOLE, label="Subject", elem_id="lens-subject")
                 # below the photo, folded unless a served method reads words

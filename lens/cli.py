@@ -14,6 +14,7 @@ error (argparse); 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -103,17 +104,14 @@ def _run_index(args: argparse.Namespace) -> int:
         raise LensError("--ray-actors must be at least 1")
     started = time.perf_counter()
     failed: list[tuple[str, str]] = []  # a method that cannot be built does not stop the others
+    cluster = None
     if args.ray is not None:
         from lens.distributed import RayCluster
 
-        address = None if args.ray == LOCAL_RAY else args.ray
-        with RayCluster(address, actors=args.ray_actors) as cluster, logging_redirect_tqdm():
-            reports = gallery.index(methods, index_spec=args.index_spec, batch_size=args.batch_size,
-                                    workers=args.workers, progress=not args.quiet, ray=cluster, failed=failed)
-    else:
-        with logging_redirect_tqdm():
-            reports = gallery.index(methods, index_spec=args.index_spec, batch_size=args.batch_size,
-                                    workers=args.workers, progress=not args.quiet, failed=failed)
+        cluster = RayCluster(None if args.ray == LOCAL_RAY else args.ray, actors=args.ray_actors)
+    with cluster or contextlib.nullcontext(), logging_redirect_tqdm():
+        reports = gallery.index(methods, index_spec=args.index_spec, batch_size=args.batch_size,
+                                workers=args.workers, progress=not args.quiet, ray=cluster, failed=failed)
     if failed and not reports:  # nothing built: the one error, as before
         raise LensError("; ".join(why if len(failed) == 1 else f"{spec}: {why}" for spec, why in failed))
     waited = time.perf_counter() - started

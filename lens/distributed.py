@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from lens.embedding import Embedded, default_batch_size, embed_files
+from lens.embedding import GPU_BATCH_SIZE, Embedded, default_batch_size, embed_files
 from lens.errors import LensError
 from lens.types import LearnsFromGallery, Method
 
@@ -195,7 +195,7 @@ class RayCluster:
             actors = self.actors or max(1, int(gpus // gpus_per_actor))
         else:
             actors = self.actors or max(1, int(cpus))
-        model_batch = batch_size or (32 if gpus_per_actor else default_batch_size(method))
+        model_batch = batch_size or (GPU_BATCH_SIZE if gpus_per_actor else default_batch_size(method))
         ray_batch = model_batch * MODEL_BATCHES_PER_RAY_BATCH
         actors = max(1, min(actors, math.ceil(len(paths) / ray_batch)))
         by_name = {os.path.abspath(path): Path(path) for path in paths}
@@ -223,8 +223,8 @@ class RayCluster:
                         else:
                             rows[str(name)] = vector
                     bar.update(len(batch["path"]))
-                    if on_progress is not None:
-                        on_progress(bar.n, len(paths))
+                    if on_progress is not None:  # counted here: a disabled bar (progress=False) never counts
+                        on_progress(len(rows) + len(errors), len(paths))
         except Exception as exc:  # RayTaskError, ActorDiedError, ...: the build is not published
             raise LensError(f"embedding on Ray failed: {_ray_error(exc)}") from exc
         done = [name for name in by_name if name in rows]

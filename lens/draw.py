@@ -39,24 +39,24 @@ def draw_boxes(image: Image.Image, boxes: Sequence[Any], selected: int | None = 
         if (selected is not None and i != selected) or region is not None:
             thick = max(1, line // 2)
         overlay.rectangle((box.x1, box.y1, box.x2, box.y2), outline=colour, width=thick)
-        tag = f"{i + 1} {box.label} {box.score:.2f}"
-        left, top, right, bottom = overlay.textbbox((0, 0), tag, font=font)
-        tag_w, tag_h = right - left + 6, bottom - top + 6
-        x = min(max(0, box.x1), max(0, width - tag_w))
-        y = box.y1 - tag_h if box.y1 - tag_h >= 0 else box.y1
-        overlay.rectangle((x, y, x + tag_w, y + tag_h), fill=colour)
-        overlay.text((x + 3 - left, y + 3 - top), tag, fill="white", font=font)
+        _tag(overlay, box, f"{i + 1} {box.label} {box.score:.2f}", colour, font, width)
     if region is not None:
         corners = (region.x1, region.y1, region.x2, region.y2)
         overlay.rectangle(corners, outline="black", width=line * 3)
         overlay.rectangle(corners, outline="white", width=line)
-        left, top, right, bottom = overlay.textbbox((0, 0), region.label, font=font)
-        tag_w, tag_h = right - left + 6, bottom - top + 6
-        x = min(max(0, region.x1), max(0, width - tag_w))
-        y = region.y1 - tag_h if region.y1 - tag_h >= 0 else region.y1
-        overlay.rectangle((x, y, x + tag_w, y + tag_h), fill="black")
-        overlay.text((x + 3 - left, y + 3 - top), region.label, fill="white", font=font)
+        _tag(overlay, region, region.label, "black", font, width)
     return canvas
+
+
+def _tag(overlay: ImageDraw.ImageDraw, box: Any, text: str, fill: str, font: Any, width: int) -> None:
+    """``text`` in white on ``fill`` above ``box``'s top-left corner (inside the box when there is no
+    room above), kept within the image's ``width``."""
+    left, top, right, bottom = overlay.textbbox((0, 0), text, font=font)
+    tag_w, tag_h = right - left + 6, bottom - top + 6
+    x = min(max(0, box.x1), max(0, width - tag_w))
+    y = box.y1 - tag_h if box.y1 - tag_h >= 0 else box.y1
+    overlay.rectangle((x, y, x + tag_w, y + tag_h), fill=fill)
+    overlay.text((x + 3 - left, y + 3 - top), text, fill="white", font=font)
 
 
 def draw_outline(image: Image.Image, points: Sequence[Sequence[float]], colour: str = "#52c41a") -> Image.Image:

@@ -400,7 +400,9 @@ def test_the_box_editor_reads_the_boxes_the_browser_sends_back(tmp_path):
     shown = app._editor_boxes([Box(20, 10, 60, 50, 0.9, "cup")], Box(1, 2, 30, 40, 1.0, "your region"))
     echoed = json.loads(json.dumps(shown))  # what the browser sends back
     sent = AnnotatedImageData(image=FileData(path=str(tmp_path / "photo.png")), boxes=echoed)
-    value = app.region_editor(value=None).preprocess(sent)
+    from gradio_image_annotation import image_annotator
+
+    value = image_annotator(value=None).preprocess(sent)
     assert app._xyxy(value["boxes"]) == [(20, 10, 60, 50), (1, 2, 30, 40)]
     assert [b["color"] for b in value["boxes"]][1] == (255, 255, 255)
 

@@ -70,9 +70,11 @@ def test_ray_vectors_equal_the_single_process_ones(cluster, tiny_resnet, tmp_pat
     spec = f"hf:{tiny_resnet}"  # float32 cosine vectors (packed hash bits: the next test)
     here = Gallery(folder, tmp_path / "here")
     on_ray = Gallery(folder, tmp_path / "ray")
-    [want] = here.index([spec], progress=False)
-    [got] = on_ray.index([spec], progress=False, ray=cluster)
+    told: dict[str, list[tuple[int, int]]] = {"here": [], "ray": []}  # on_progress without a bar (the app's way)
+    [want] = here.index([spec], progress=False, on_progress=lambda _, *n: told["here"].append(n))
+    [got] = on_ray.index([spec], progress=False, ray=cluster, on_progress=lambda _, *n: told["ray"].append(n))
     assert (got.count, got.embedded, got.reused) == (want.count, want.embedded, want.reused) == (12, 12, 0)
+    assert told["ray"][-1] == told["here"][-1] == (13, 13)  # every image counted (the broken one too), not 0
     assert got.skipped == want.skipped and [p for p, _ in got.skipped] == ["broken.jpg"]
     _same_index(here, on_ray, spec)
     # searches find the same images with the same scores
