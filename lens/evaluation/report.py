@@ -25,6 +25,7 @@ from PIL import Image, ImageOps  # noqa: E402
 
 from lens.evaluation.datasets import Dataset  # noqa: E402
 from lens.evaluation.evaluate import RECALL_KS, MethodResult  # noqa: E402
+from lens import methods  # noqa: E402
 from lens.images import load_image  # noqa: E402
 from lens.evaluation.metrics import interpolated_pr  # noqa: E402
 
@@ -35,11 +36,9 @@ COLUMNS = ["method", "mAP", *[f"R@{k}" for k in RECALL_KS], "query ms p50", "emb
 def short_name(spec: str) -> str:
     """A method's name for tables and plots: ``hf:<path or hub id>`` -> its last part (the folder or
     model name); ``kind:<path>`` -> ``kind:<folder name>``; a plain name stays."""
-    prefix, sep, argument = spec.partition(":")
-    if not sep or not argument:
-        return spec
-    tail = re.split(r"[/\\]", argument.rstrip("/\\"))[-1] or argument
-    return tail if prefix == "hf" else f"{prefix}:{tail}"
+    tail = methods.short_name(spec)  # the menu's name: the argument's last part
+    prefix = spec.partition(":")[0]
+    return tail if tail == spec or prefix == "hf" else f"{prefix}:{tail}"
 
 
 def short_names(specs: Sequence[str]) -> dict[str, str]:
